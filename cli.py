@@ -1,0 +1,107 @@
+"""The `pipeline` command: parses options, builds a stage config, calls one function."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from pipeline.errors import PipelineError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 512MiB or 2GiB")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " KMGT".index(unit.upper() or " "))
+
+
+class _Group(click.Group):
+    """Turns a PipelineError into one line on stderr and exit code 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+store_option = click.option("--store", default=None, help="Store path (default: $PIPELINE_STORE or stores/default.zarr).")
+
+
+@click.group(cls=_Group)
+def main():
+    """Precompute-then-train pipeline for weight-space learning on LoRA adapters."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (save_to_disk format).")
+@click.option("--n", default=1000, show_default=True, help="Number of adapters.")
+@click.option("--rank", default=1, show_default=True)
+@click.option("--modules", default="q,v", show_default=True, help="Projections: any of q,k,v,out.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def synth(out, n, rank, modules, seed, quiet):
+    """Write a synthetic LoRA dataset in the published lora-ws format."""
+    from tqdm import tqdm
+
+    from pipeline.synthetic import write_synthetic
+
+    with tqdm(total=n, unit="adapter", desc="synth", disable=quiet, file=sys.stderr) as bar:
+        path = write_synthetic(out, n, rank, tuple(m.strip() for m in modules.split(",") if m.strip()), seed, bar.update)
+    if not quiet:
+        click.echo(f"wrote {n} adapters to {path}")
+
+
+@main.command()
+@store_option
+@click.option("--source", default=None, help="save_to_disk folder, parquet/arrow files or glob, safetensors folder, or hub id. "
+                                             "Default: the built-in synthetic dataset.")
+@click.option("--labels-csv", default=None, help="Labels CSV for a folder of .safetensors adapters (default: labels.csv in it).")
+@click.option("--layers", default=None, help="Regex: keep only matching modules.")
+@click.option("--label", "labels", multiple=True, help="Label column that must exist (repeatable).")
+@click.option("--split-seed", default=42, show_default=True)
+@click.option("--test-size", default=0.3, show_default=True)
+@click.option("--val-test-size", default=0.67, show_default=True, help="Share of the held-out rows that go to test.")
+@click.option("--memory", default="1GiB", show_default=True, help="Budget for weights held in memory at once.")
+@click.option("--chunk-mb", default=4.0, show_default=True, help="Target chunk size of the widest layer.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout.")
+@click.option("--quiet", is_flag=True)
+def materialize(store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb,
+                allow_nonfinite, overwrite, quiet):
+    """Read each layer once per split into one chunked Zarr store."""
+    from pipeline import progress
+    from pipeline.materialize import MaterializeConfig, materialize as run
+    from pipeline.store import default_store
+    from pipeline.synthetic import builtin_dataset
+
+    config = MaterializeConfig(
+        store=store or default_store(), source=source or str(builtin_dataset(quiet=quiet)), labels_csv=labels_csv,
+        layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
+        memory=parse_size(memory), chunk_mb=chunk_mb, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
+    )
+    summary = run(config, progress=progress.factory("materialize", quiet))
+    if not quiet:
+        rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
+        click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "
+                   f"already complete; {summary.bytes_written / 1e6:.0f} MB in {summary.seconds:.1f} s ({rate:.0f} MB/s)")
+
+
+@main.command()
+@store_option
+def info(store):
+    """Show what a store holds."""
+    from pipeline.info import describe
+    from pipeline.store import default_store
+
+    click.echo(describe(store or default_store()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""One progress bar per long step: layers done, MB/s and ETA, on stderr; silent when quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class LayerProgress:
+    """A bar over layers that also shows the throughput in MB/s."""
+
+    def __init__(self, total_layers: int, total_bytes: int, description: str = "materialize", quiet: bool = False):
+        self._bar = tqdm(total=total_layers, unit="layer", desc=description, disable=quiet or total_layers == 0,
+                         file=sys.stderr, dynamic_ncols=True)
+        self._bytes = 0
+        self._total_bytes = total_bytes
+        self._started = time.perf_counter()
+
+    def update(self, layers: int, nbytes: int) -> None:
+        self._bytes += nbytes
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self._bar.set_postfix_str(f"{self._bytes / 1e6 / elapsed:.0f} MB/s, {self._bytes / 1e6:.0f}/{self._total_bytes / 1e6:.0f} MB",
+                                  refresh=False)
+        self._bar.update(layers)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def factory(description: str, quiet: bool):
+    """A ``progress`` callable for the stages: progress(total_layers=..., total_bytes=...) -> bar."""
+    def make(total_layers: int, total_bytes: int) -> LayerProgress:
+        return LayerProgress(total_layers, total_bytes, description, quiet)
+    return make

@@ -1,0 +1,140 @@
+"""The Zarr v3 store: where things live, creating and opening it safely, and completion marks.
+
+Layout (docs/store-format.md is the spec):
+  zarr.json                       root attrs: format, schema version, source, modules, layers, splits, labels
+  raw/<split>/<module>/A          (model, rank, in)  float32 (float16 when the source is), chunked on model
+  raw/<split>/<module>/B          (model, out, rank)
+  raw/<split>/<module>/rank       (model,) true rank of each adapter (zero padding beyond it)
+  raw/<split>/<module>/alpha      (model,) LoRA alpha, when the source has it
+  labels/<split>/<name>           (model,) integer codes (attrs: classes), integers or floats
+  labels/<split>/row              (model,) row index in the source split;  model_id when the source names models
+A group is complete when its attrs say ``complete: true``; that mark is written after its arrays.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from .errors import PipelineError
+
+FORMAT = "weightspace-pipeline-store"
+SCHEMA_VERSION = 1
+DEFAULT_STORE = "stores/default.zarr"
+
+
+def default_store() -> str:
+    return os.environ.get("PIPELINE_STORE") or DEFAULT_STORE
+
+
+def raw_compressors(itemsize: int) -> list:
+    """Codec of the raw weights, chosen in bench/codecs.py (docs/store-format.md has the figures)."""
+    return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=itemsize), Crc32cCodec()]
+
+
+def small_compressors() -> list:
+    return [Crc32cCodec()]
+
+
+def provenance() -> dict:
+    """Who wrote something, when: the stamp every mark carries."""
+    return {"by": f"{getpass.getuser()}@{socket.gethostname()}", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _root_attrs(path: Path) -> dict | None:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+def is_ours(path: str | Path) -> bool:
+    attrs = _root_attrs(Path(path))
+    return bool(attrs) and attrs.get("format") == FORMAT
+
+
+def check_usable(path: str | Path) -> str:
+    """'absent', 'ours' or raise: the path must be free, an empty folder, or one of our stores."""
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    if not path.is_dir():
+        raise PipelineError(f"store path {path} exists and is a file, not a store; choose another --store")
+    if is_ours(path):
+        return "ours"
+    if any(path.iterdir()):
+        raise PipelineError(f"store path {path} exists and is not one of our stores; choose another --store (nothing was changed)")
+    return "absent"
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, in one line, when the store cannot be created or written."""
+    path = Path(path)
+    probe_dir = path if path.exists() else path.parent
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise PipelineError(f"cannot create store {path}: {probe_dir} is not a folder; choose another --store")
+    probe = probe_dir / f".pipeline-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(f"cannot write to {probe_dir} ({exc.strerror}); choose a writable --store") from None
+
+
+def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+    if mode == "r" and not is_ours(path):
+        raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def create_root(path: str | Path, attrs: dict) -> zarr.Group:
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.put({"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs})
+    return root
+
+
+def group_complete(root: zarr.Group, path: str) -> bool:
+    try:
+        return bool(root[path].attrs.get("complete", False))
+    except KeyError:
+        return False
+
+
+def mark_complete(root: zarr.Group, path: str, **info) -> None:
+    """Written last, after every array of the group: a reader trusts nothing without it."""
+    group = root.require_group(path)
+    group.attrs.update({"complete": True, **provenance(), **info})
+
+
+def mark_incomplete(root: zarr.Group, path: str) -> None:
+    group = root.require_group(path)
+    if group.attrs.get("complete"):
+        group.attrs.update({"complete": False})
+
+
+def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
+    """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
+    try:
+        existing = root[path]
+        if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
+                and existing.dtype == np.dtype(dtype):
+            return existing
+    except KeyError:
+        pass
+    return root.create_array(
+        path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims,
+        compressors=compressors if compressors is not None else small_compressors(), attributes=attrs or {}, overwrite=True,
+    )
