@@ -70,10 +70,12 @@ def synth(out, n, rank, modules, seed, quiet):
 @click.option("--val-test-size", default=0.67, show_default=True, help="Share of the held-out rows that go to test.")
 @click.option("--memory", default="1GiB", show_default=True, help="Budget for weights held in memory at once.")
 @click.option("--chunk-mb", default=4.0, show_default=True, help="Target chunk size of the widest layer.")
+@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), default="none", show_default=True,
+              help="Compression of the raw weights (crc32c checksums always).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout.")
 @click.option("--quiet", is_flag=True)
-def materialize(store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb,
+def materialize(store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
                 allow_nonfinite, overwrite, quiet):
     """Read each layer once per split into one chunked Zarr store."""
     from pipeline import progress
@@ -84,13 +86,45 @@ def materialize(store, source, labels_csv, layers, labels, split_seed, test_size
     config = MaterializeConfig(
         store=store or default_store(), source=source or str(builtin_dataset(quiet=quiet)), labels_csv=labels_csv,
         layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
-        memory=parse_size(memory), chunk_mb=chunk_mb, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
+        memory=parse_size(memory), chunk_mb=chunk_mb, codec=codec, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
     )
     summary = run(config, progress=progress.factory("materialize", quiet))
     if not quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "
                    f"already complete; {summary.bytes_written / 1e6:.0f} MB in {summary.seconds:.1f} s ({rate:.0f} MB/s)")
+
+
+@main.command()
+@store_option
+@click.option("--rep", "reps", default="all", show_default=True, help="Representations: all, or a comma-separated list.")
+@click.option("--split", "splits", default="all", show_default=True, help="Splits: all, or a comma-separated list.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
+@click.option("--force", is_flag=True, help="Recompute even representations that are up to date.")
+@click.option("--list", "list_reps", is_flag=True, help="List the representations and exit.")
+@click.option("--quiet", is_flag=True)
+def features(store, reps, splits, device, workers, scheduler, force, list_reps, quiet):
+    """Compute representations of every layer into the store, in one pass over the raw chunks."""
+    from pipeline import progress, representations
+    from pipeline.features import FeaturesConfig, compute_features
+    from pipeline.store import default_store
+
+    if list_reps:
+        click.echo(f"{'name':16} {'kind':7} {'width':>5}  {'version':>7}  invariance")
+        for row in representations.describe_all():
+            click.echo(f"{row['name']:16} {row['kind']:7} {row['width']:5}  {row['version']:7}  {row['invariance']}")
+        return
+    config = FeaturesConfig(store=store or default_store(), reps=reps, splits=splits, device=device, workers=workers,
+                            scheduler=scheduler, force=force, quiet=quiet)
+    summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"))
+    if not quiet:
+        for split in sorted(set(summary.computed) | set(summary.up_to_date)):
+            done = ", ".join(summary.computed.get(split, [])) or "-"
+            fresh = ", ".join(summary.up_to_date.get(split, [])) or "-"
+            click.echo(f"{split}: computed {done}; up to date {fresh}")
+        click.echo(f"{summary.tasks} tasks in {summary.seconds:.1f} s")
 
 
 @main.command()

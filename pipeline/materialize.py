@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class MaterializeConfig:
     split_seed: int = 42
     memory: int = GiB  # budget for weights held at once
     chunk_mb: float = 4.0
+    codec: str = "none"  # raw weights: none | lz4 | zstd (crc32c always)
     allow_nonfinite: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -54,6 +56,8 @@ class ModulePlan:
     up: arrowio.MatrixColumn
     ranks: dict[str, np.ndarray]  # source split -> true rank per row
     dtype: str  # stored dtype
+    alpha: float | None  # the module's alpha when every adapter has the same one
+    rank_varies: bool
 
     @property
     def rank(self) -> int:
@@ -151,7 +155,12 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         if down.rows != up.cols:
             raise PipelineError(f"module {module.name!r}: down has rank {down.rows} but up has rank {up.cols}")
         half = down.dtype == np.float16 and up.dtype == np.float16
-        module_plans.append(ModulePlan(module, down, up, ranks, "float16" if half else "float32"))
+        alpha = None
+        if module.alpha:
+            values = np.unique(np.concatenate([ds.data.column(module.alpha).to_numpy(zero_copy_only=False) for ds in source.splits.values()]))
+            alpha = float(values[0]) if len(values) == 1 else None
+        rank_varies = bool(any((r != down.rows).any() for r in ranks.values()))
+        module_plans.append(ModulePlan(module, down, up, ranks, "float16" if half else "float32", alpha, rank_varies))
 
     widest = max(m.row_bytes() for m in module_plans)
     chunk_models = max(1, int(config.chunk_mb * 2**20 // widest))
@@ -159,7 +168,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         "modules": [m.module.name for m in module_plans],
         "splits": {s.name: [s.source_split, len(s.rows)] for s in splits},
         "split_seed": config.split_seed, "test_size": config.test_size, "val_test_size": config.val_test_size,
-        "chunk_models": chunk_models,
+        "chunk_models": chunk_models, "codec": config.codec,
     }
     return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout)
 
@@ -170,11 +179,11 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
 def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
     modules, layers = [], []
     for m in p.modules:
-        all_ranks = np.concatenate(list(m.ranks.values()))
         modules.append({
             "key": m.module.key, "name": m.module.name, "scheme": m.module.scheme, "down": m.module.down, "up": m.module.up,
-            "in": m.down.cols, "out": m.up.rows, "rank": m.rank, "rank_varies": bool((all_ranks != m.rank).any()),
-            "alpha": m.module.alpha, "dtype": m.dtype,
+            "in": m.down.cols, "out": m.up.rows, "rank": m.rank, "rank_varies": m.rank_varies,
+            "alpha_column": m.module.alpha, "alpha": m.alpha, "alpha_varies": bool(m.module.alpha) and m.alpha is None,
+            "dtype": m.dtype,
         })
         layers.append({"name": m.module.down, "module": m.module.key, "role": "A", "shape": [m.rank, m.down.cols]})
         layers.append({"name": m.module.up, "module": m.module.key, "role": "B", "shape": [m.up.rows, m.rank]})
@@ -233,7 +242,30 @@ def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray) -> N
         )
 
 
-def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config: MaterializeConfig, chunk: int) -> int:
+class _Writer:
+    """Writes one batch in the background while the next is gathered: at most one in flight."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
+        self._pending = None
+
+    def write(self, array, start: int, stop: int, values: np.ndarray) -> None:
+        self.wait()
+        self._pending = self._pool.submit(array.__setitem__, slice(start, stop), values)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
+def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config: MaterializeConfig, chunk: int, writer: _Writer) -> int:
     """Copy one module of one split into its preallocated arrays; returns bytes written."""
     path = f"raw/{split.name}/{mp.module.key}"
     n = len(split.rows)
@@ -243,21 +275,23 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
     for role, column, spec in (("A", mp.module.down, mp.down), ("B", mp.module.up, mp.up)):
         shape = (n, spec.rows, spec.cols)
         array = store.require_array(root, f"{path}/{role}", shape, (chunk, spec.rows, spec.cols), mp.dtype, dims[role],
-                                    store.raw_compressors(np.dtype(mp.dtype).itemsize), {"column": column})
+                                    store.raw_compressors(config.codec, np.dtype(mp.dtype).itemsize), {"column": column})
         row_bytes = spec.rows * spec.cols * np.dtype(mp.dtype).itemsize
-        # Half the budget for the gathered batch; the other half covers zarr's encode buffers.
-        for start, stop in _batches(n, chunk, row_bytes, config.memory // 2):
+        # A third of the budget per batch: one being gathered, one being written, and zarr's buffers.
+        for start, stop in _batches(n, chunk, row_bytes, config.memory // 3):
             rows = split.rows[start:stop]
             values = arrowio.gather(table.column(column), spec, mp.ranks[split.source_split], rows, mp.dtype)
             if not config.allow_nonfinite:
                 _check_finite(values, column, rows)
-            array[start:stop] = values
+            writer.write(array, start, stop, values)
             written += values.nbytes
-    ranks = mp.ranks[split.source_split][split.rows].astype(np.int32)
-    store.require_array(root, f"{path}/rank", (n,), (max(n, 1),), "int32", ("model",))[:] = ranks
-    if mp.module.alpha:
+    if mp.rank_varies:
+        ranks = mp.ranks[split.source_split][split.rows].astype(np.int32)
+        store.require_array(root, f"{path}/rank", (n,), (max(n, 1),), "int32", ("model",))[:] = ranks
+    if mp.module.alpha and mp.alpha is None:
         alpha = table.column(mp.module.alpha).to_numpy(zero_copy_only=False)[split.rows].astype(np.float32)
         store.require_array(root, f"{path}/alpha", (n,), (max(n, 1),), "float32", ("model",))[:] = alpha
+    writer.wait()  # the completion mark must follow the data
     return written
 
 
@@ -314,10 +348,11 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
             _write_labels(root, p, split)
     written = 0
     bar = progress(total_layers=2 * len(todo), total_bytes=sum(len(s.rows) * m.row_bytes() for s, m in todo)) if progress else None
+    writer = _Writer()
     try:
         for split, mp in todo:
             chunk = min(p.chunk_models, max(len(split.rows), 1))
-            nbytes = _copy_module(root, split, mp, source, config, chunk)
+            nbytes = _copy_module(root, split, mp, source, config, chunk, writer)
             store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=nbytes)
             written += nbytes
             if bar:
@@ -329,6 +364,7 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
             ) from None
         raise
     finally:
+        writer.close()
         if bar:
             bar.close()
     return Summary(config.store, len(todo), skipped, written, time.perf_counter() - started)

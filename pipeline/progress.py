@@ -11,8 +11,9 @@ from tqdm import tqdm
 class LayerProgress:
     """A bar over layers that also shows the throughput in MB/s."""
 
-    def __init__(self, total_layers: int, total_bytes: int, description: str = "materialize", quiet: bool = False):
-        self._bar = tqdm(total=total_layers, unit="layer", desc=description, disable=quiet or total_layers == 0,
+    def __init__(self, total_layers: int, total_bytes: int, description: str = "materialize", quiet: bool = False,
+                 unit: str = "layer"):
+        self._bar = tqdm(total=total_layers, unit=unit, desc=description, disable=quiet or total_layers == 0,
                          file=sys.stderr, dynamic_ncols=True)
         self._bytes = 0
         self._total_bytes = total_bytes
@@ -21,16 +22,16 @@ class LayerProgress:
     def update(self, layers: int, nbytes: int) -> None:
         self._bytes += nbytes
         elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self._bar.set_postfix_str(f"{self._bytes / 1e6 / elapsed:.0f} MB/s, {self._bytes / 1e6:.0f}/{self._total_bytes / 1e6:.0f} MB",
-                                  refresh=False)
+        total = f"/{self._total_bytes / 1e6:.0f}" if self._total_bytes else ""
+        self._bar.set_postfix_str(f"{self._bytes / 1e6 / elapsed:.0f} MB/s, {self._bytes / 1e6:.0f}{total} MB", refresh=False)
         self._bar.update(layers)
 
     def close(self) -> None:
         self._bar.close()
 
 
-def factory(description: str, quiet: bool):
+def factory(description: str, quiet: bool, unit: str = "layer"):
     """A ``progress`` callable for the stages: progress(total_layers=..., total_bytes=...) -> bar."""
     def make(total_layers: int, total_bytes: int) -> LayerProgress:
-        return LayerProgress(total_layers, total_bytes, description, quiet)
+        return LayerProgress(total_layers, total_bytes, description, quiet, unit)
     return make

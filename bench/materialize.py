@@ -1,0 +1,145 @@
+"""Benchmark, run by hand: the original layer access vs `pipeline materialize` vs the Arrow read bound.
+
+    python bench/materialize.py [--n 5000] [--layers 8] [--memory 1GiB]
+
+On a synthetic dataset (rank 1, to_q/to_v: 128 layers, ~400 KB float32 per adapter), one run measures
+ (a) the original access: ds.with_format("torch"), then split[layer][:] for each layer of each split;
+     timed on --layers layers and extrapolated linearly to all 128 (the output says so);
+ (b) `pipeline materialize` into a fresh store, in a subprocess whose peak memory is sampled;
+ (c) the bound for any reader: every weight column's Arrow buffers read to float32 numpy, nothing written.
+The page cache is warmed by one read first, so all three read from memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cli import parse_size  # noqa: E402
+from pipeline.layers import parse_lora_column  # noqa: E402
+from pipeline.splits import original_split  # noqa: E402
+from pipeline.synthetic import write_synthetic  # noqa: E402
+
+
+def lora_columns(ds) -> list[str]:
+    return sorted(c for c in ds.column_names if parse_lora_column(c))
+
+
+def original_access(path: Path, layers: list[str]) -> float:
+    """Seconds for `split[layer][:]` on torch-formatted splits, over ``layers`` and the three splits."""
+    ds = datasets.load_from_disk(str(path))["train"]
+    first = ds.train_test_split(test_size=0.3, seed=42)
+    second = first["test"].train_test_split(test_size=0.67, seed=42)
+    splits = [first["train"], second["train"], second["test"]]
+    splits = [s.with_format("torch") for s in splits]
+    start = time.perf_counter()
+    for layer in layers:
+        for split in splits:
+            tensor = split[layer][:]
+            assert tensor.ndim == 3
+    return time.perf_counter() - start
+
+
+def arrow_bound(path: Path) -> tuple[float, int]:
+    """Seconds to read every weight column's Arrow buffers into float32 numpy (and bytes read)."""
+    ds = datasets.load_from_disk(str(path))["train"]
+    nbytes = 0
+    start = time.perf_counter()
+    for column in lora_columns(ds):
+        chunks = ds.data.column(column).chunks
+        first = chunks[0][0]
+        rows, cols = len(first), len(first[0])
+        values = np.concatenate([c.flatten().flatten().to_numpy(zero_copy_only=False) for c in chunks])
+        array = values.astype(np.float32, copy=False).reshape(-1, rows, cols)
+        nbytes += array.nbytes
+    return time.perf_counter() - start, nbytes
+
+
+def sample_memory(pid: int, peaks: dict, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        for key in ("RssAnon", "VmRSS"):
+            if key in fields:
+                peaks[key] = max(peaks.get(key, 0), int(fields[key].split()[0]) * 1024)
+        time.sleep(0.02)
+
+
+def run_materialize(source: Path, store: Path, memory: str) -> tuple[float, dict]:
+    shutil.rmtree(store, ignore_errors=True)
+    command = [sys.executable, str(ROOT / "cli.py"), "materialize", "--source", str(source), "--store", str(store),
+               "--memory", memory, "--quiet"]
+    peaks: dict = {}
+    stop = threading.Event()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT)
+    sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop), daemon=True)
+    sampler.start()
+    code = process.wait()
+    seconds = time.perf_counter() - start
+    stop.set()
+    if code:
+        raise SystemExit(f"materialize failed with exit code {code}")
+    return seconds, peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5000, help="adapters in the synthetic dataset")
+    parser.add_argument("--layers", type=int, default=8, help="layers timed for the original access (extrapolated)")
+    parser.add_argument("--memory", default="1GiB", help="materialize --memory budget")
+    parser.add_argument("--work", default=str(ROOT / "stores" / "bench"), help="where the dataset and store go")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    source = work / f"synth-n{args.n}"
+    if not source.exists():
+        print(f"writing {args.n} synthetic adapters to {source} ...", flush=True)
+        write_synthetic(source, args.n)
+    ds = datasets.load_from_disk(str(source))["train"]
+    columns = lora_columns(ds)
+    n_split = sum(len(v) for v in original_split(ds.num_rows).values())
+
+    arrow_bound(source)  # warm the page cache so every method reads from memory
+    c_seconds, nbytes = arrow_bound(source)
+    b_seconds, peaks = run_materialize(source, work / f"bench-n{args.n}.zarr", args.memory)
+    # Whole modules, evenly spaced: down (A) and up (B) columns cost very different amounts in (a).
+    pairs = len(columns) // 2
+    picked = np.linspace(0, pairs - 1, max(1, args.layers // 2)).round().astype(int)
+    subset = [columns[2 * i + k] for i in picked for k in (0, 1)]
+    a_subset = original_access(source, subset)
+    a_seconds = a_subset * len(columns) / len(subset)
+
+    mb = nbytes / 1e6
+    mb_b = mb * n_split / ds.num_rows  # materialize writes each row once per split it belongs to
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"dataset: {ds.num_rows} adapters, {len(columns)} layers, {mb:.0f} MB float32 of weights")
+    print(f"(a) original with_format('torch') split[layer][:]: {a_subset:.1f} s for {len(subset)} layers x 3 splits, "
+          f"extrapolated linearly to {len(columns)} layers: {a_seconds:.1f} s ({mb / a_seconds:.1f} MB/s, "
+          f"{a_seconds / len(columns) * 1000 / ds.num_rows * 1000:.0f} ms per layer per 1,000 adapters)")
+    print(f"(b) pipeline materialize (whole run, subprocess): {b_seconds:.1f} s ({mb_b / b_seconds:.0f} MB/s); "
+          f"peak anonymous memory {peaks.get('RssAnon', 0) / 2**30:.2f} GiB, peak RSS incl. mapped dataset "
+          f"{peaks.get('VmRSS', 0) / 2**30:.2f} GiB; budget {args.memory}")
+    print(f"(c) Arrow buffers -> float32 numpy, nothing written: {c_seconds:.2f} s ({mb / c_seconds:.0f} MB/s)")
+    print(f"a/b = {a_seconds / b_seconds:.1f}x   b/c throughput = {(mb_b / b_seconds) / (mb / c_seconds) * 100:.0f}%")
+    budget = parse_size(args.memory)
+    print(f"peak anonymous memory within budget + 1 GiB: {peaks.get('RssAnon', 0) <= budget + 2**30}")
+
+
+if __name__ == "__main__":
+    main()

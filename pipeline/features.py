@@ -1,0 +1,300 @@
+"""Stage 2: every requested representation of every layer, in one pass over the raw chunks.
+
+A task is one model chunk of one split (aligned with the raw chunks): it reads each module's A and
+B chunk once, moves them to the device once, computes every requested representation, and writes
+one region per representation. Outputs are preallocated and a task owns its region, so a rerun
+rewrites the same bytes. Per-task progress flags make an interrupted run resume; a representation
+whose spec hash and source fingerprint match and that is complete is skipped.
+
+Why tasks span all modules of a chunk rather than one module: every zarr read or write costs
+~1-3 ms of Python, so 128 small tasks per chunk would spend more time in overhead than in maths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from . import __version__, representations, store
+from .errors import PipelineError
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Everything ``pipeline features`` takes."""
+
+    store: str = store.DEFAULT_STORE
+    reps: str = "all"
+    splits: str = "all"
+    device: str = "auto"
+    workers: int | None = None  # a LocalCluster of this many worker processes
+    scheduler: str | None = None  # address of an existing dask.distributed scheduler
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    key: str
+    index: int  # position in the module table (the module axis of module representations)
+    layer_a: int  # position of A in the sorted layer table (the layer axis of tensor representations)
+    layer_b: int
+    rank: int
+    rank_varies: bool
+    alpha: float | None
+    alpha_varies: bool
+
+
+@dataclass(frozen=True)
+class Task:
+    """One model chunk of one split: the unit dask schedules. Plain data, picklable."""
+
+    store: str
+    split: str
+    chunk: int  # index of the model chunk
+    start: int
+    stop: int
+    modules: tuple[ModuleInfo, ...]
+    n_layers: int
+    reps: tuple[str, ...]  # representations this task computes (those not done for this chunk)
+    device: str
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda but CUDA is not available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+# --- the maths, importable and tested without dask or zarr -------------------------------------------
+
+
+def module_scale(rank: np.ndarray, alpha: np.ndarray | float | None) -> np.ndarray:
+    """s = alpha / r per adapter when alpha is known, else 1."""
+    if alpha is None:
+        return np.ones(len(rank), dtype=np.float32)
+    return (np.asarray(alpha, dtype=np.float32) / np.maximum(rank, 1)).astype(np.float32) * np.ones(len(rank), np.float32)
+
+
+def compute_module(A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, reps) -> dict[str, torch.Tensor | tuple]:
+    """Every representation of one module chunk: tensor ones as (features of A, features of B), module ones as one."""
+    out = {}
+    for rep in sorted(reps, key=lambda r: r.name == "ensemble"):  # ensemble last: it reuses its parts
+        if rep.name == "ensemble" and all(p in out for p in representations.ENSEMBLE_PARTS):
+            # ensemble is by definition the concatenation of its parts: don't compute them twice
+            out[rep.name] = tuple(torch.cat([out[p][i] for p in representations.ENSEMBLE_PARTS], dim=1) for i in (0, 1))
+        elif rep.kind == "tensor":
+            out[rep.name] = (rep.fn(A, rep.params), rep.fn(B, rep.params))
+        else:
+            out[rep.name] = rep.fn(A, B, scale, rep.params)
+    return out
+
+
+# --- one task: read once, compute, write its own region -----------------------------------------------
+
+
+def read_raw(group: zarr.Group, role: str, start: int, stop: int) -> np.ndarray:
+    """The one place raw chunks are read (tests count calls)."""
+    return group[role][start:stop]
+
+
+def run_task(task: Task) -> tuple[int, int]:
+    """Compute ``task``; returns (bytes of raw read, number of modules). Runs on a dask worker."""
+    root = zarr.open_group(task.store, mode="r+", zarr_format=3)
+    reps = [representations.get(name) for name in task.reps]
+    n = task.stop - task.start
+    outputs = {rep.name: np.zeros((n, task.n_layers if rep.kind == "tensor" else len(task.modules), rep.width), np.float32)
+               for rep in reps}
+    nbytes = 0
+    for module in task.modules:
+        group = root[f"raw/{task.split}/{module.key}"]
+        a = read_raw(group, "A", task.start, task.stop)
+        b = read_raw(group, "B", task.start, task.stop)
+        nbytes += a.nbytes + b.nbytes
+        rank = group["rank"][task.start:task.stop] if module.rank_varies else np.full(n, module.rank)
+        alpha = group["alpha"][task.start:task.stop] if module.alpha_varies else module.alpha
+        A = torch.from_numpy(a).to(task.device, dtype=torch.float32)
+        B = torch.from_numpy(b).to(task.device, dtype=torch.float32)
+        scale = torch.from_numpy(module_scale(rank, alpha)).to(task.device)
+        for name, value in compute_module(A, B, scale, reps).items():
+            if isinstance(value, tuple):
+                outputs[name][:, module.layer_a] = value[0].cpu().numpy()
+                outputs[name][:, module.layer_b] = value[1].cpu().numpy()
+            else:
+                outputs[name][:, module.index] = value.cpu().numpy()
+    features = root[f"features/{task.split}"]
+    for name, values in outputs.items():
+        if not np.isfinite(values).all():
+            raise PipelineError(f"representation {name!r} produced NaN or Inf on {task.split} models {task.start}-{task.stop}; "
+                                "this is a bug in the representation: report it")
+        features[name][task.start:task.stop] = values
+    for name in outputs:  # the flags follow the data
+        features[f"_progress/{name}"][task.chunk] = 1
+    return nbytes, len(task.modules)
+
+
+# --- planning and allocation -------------------------------------------------------------------------
+
+
+def _modules(attrs: dict) -> list[ModuleInfo]:
+    layer_index = {layer["name"]: i for i, layer in enumerate(attrs["layers"])}
+    return [ModuleInfo(m["key"], i, layer_index[m["down"]], layer_index[m["up"]], m["rank"], m["rank_varies"],
+                       m.get("alpha"), m.get("alpha_varies", False)) for i, m in enumerate(attrs["modules"])]
+
+
+def _check_materialized(root: zarr.Group, path: str, attrs: dict, splits: list[str]) -> None:
+    missing = [f"raw/{s}/{m['key']}" for s in splits for m in attrs["modules"] if not store.group_complete(root, f"raw/{s}/{m['key']}")]
+    if missing:
+        raise PipelineError(f"store {path} has incomplete materialized data ({len(missing)} groups, e.g. {missing[0]}); "
+                            f"run `pipeline materialize --store {path}` to finish it")
+
+
+def _splits(attrs: dict, wanted: str) -> list[str]:
+    available = list(attrs["splits"])
+    if wanted == "all":
+        return available
+    chosen = [s.strip() for s in wanted.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in available]
+    if unknown:
+        raise PipelineError(f"unknown split {unknown[0]!r}; the store has {', '.join(available)}")
+    return chosen
+
+
+def _stamp(rep, fingerprint: str) -> dict:
+    return {"spec": rep.spec(), "spec_hash": rep.spec_hash(), "source_fingerprint": fingerprint,
+            "code_version": __version__, "kind": rep.kind}
+
+
+def rep_state(features: zarr.Group, rep, fingerprint: str) -> str:
+    """'fresh' (complete and up to date), 'partial' (same spec, unfinished) or 'stale' (absent or different)."""
+    try:
+        attrs = features[rep.name].attrs.asdict()
+    except KeyError:
+        return "stale"
+    if attrs.get("spec_hash") != rep.spec_hash() or attrs.get("source_fingerprint") != fingerprint:
+        return "stale"
+    return "fresh" if attrs.get("complete") else "partial"
+
+
+def _allocate(features: zarr.Group, rep, n: int, chunk: int, n_chunks: int, axis: str, axis_len: int, fingerprint: str) -> None:
+    features.create_array(
+        rep.name, shape=(n, axis_len, rep.width), chunks=(chunk, axis_len, rep.width), dtype="float32", fill_value=0,
+        dimension_names=("model", axis, f"{rep.name}_feature"), compressors=store.small_compressors(),
+        attributes={**_stamp(rep, fingerprint), "complete": False}, overwrite=True,
+    )
+    features.create_array(f"_progress/{rep.name}", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                          dimension_names=("chunk",), overwrite=True)
+
+
+def _write_coordinates(root: zarr.Group, split: str, attrs: dict) -> zarr.Group:
+    features = root.require_group(f"features/{split}")
+    for name, values in (("layer", [layer["name"] for layer in attrs["layers"]]), ("module", [m["name"] for m in attrs["modules"]])):
+        if name not in features:
+            features.create_array(name, shape=(len(values),), dtype=str, dimension_names=(name,))[:] = np.array(values)
+    return features
+
+
+@dataclass
+class FeaturesSummary:
+    computed: dict[str, list[str]]  # split -> reps computed
+    up_to_date: dict[str, list[str]]
+    tasks: int
+    seconds: float
+
+
+def plan_tasks(config: FeaturesConfig, device: str) -> tuple[list[Task], dict, dict]:
+    """Allocate what must be computed and return the tasks, plus which reps are computed / up to date."""
+    root = store.open_root(config.store, mode="r+")
+    attrs = root.attrs.asdict()
+    reps = representations.resolve(config.reps)
+    splits = _splits(attrs, config.splits)
+    _check_materialized(root, config.store, attrs, splits)
+    fingerprint = attrs["source"]["fingerprint"]
+    modules = tuple(_modules(attrs))
+    tasks, computed, fresh = [], {}, {}
+    for split in splits:
+        n = attrs["splits"][split]["n"]
+        chunk = root[f"raw/{split}/{modules[0].key}/A"].chunks[0]
+        n_chunks = -(-n // chunk)
+        features = _write_coordinates(root, split, attrs)
+        todo: dict[int, list[str]] = {}
+        for rep in reps:
+            state = "stale" if config.force else rep_state(features, rep, fingerprint)
+            if state == "fresh":
+                fresh.setdefault(split, []).append(rep.name)
+                continue
+            computed.setdefault(split, []).append(rep.name)
+            if state == "stale":
+                axis, axis_len = ("layer", len(attrs["layers"])) if rep.kind == "tensor" else ("module", len(modules))
+                _allocate(features, rep, n, chunk, n_chunks, axis, axis_len, fingerprint)
+                done = np.zeros(n_chunks, dtype=np.uint8)
+            else:
+                done = features[f"_progress/{rep.name}"][:]
+            for c in np.flatnonzero(done == 0):
+                todo.setdefault(int(c), []).append(rep.name)
+        for c, names in sorted(todo.items()):
+            tasks.append(Task(config.store, split, c, c * chunk, min(n, (c + 1) * chunk), modules, len(attrs["layers"]),
+                              tuple(names), device))
+    return tasks, computed, fresh
+
+
+def _finish(config: FeaturesConfig, computed: dict) -> None:
+    root = store.open_root(config.store, mode="r+")
+    for split, names in computed.items():
+        features = root[f"features/{split}"]
+        for name in names:
+            if features[f"_progress/{name}"][:].all():
+                features[name].attrs.update({"complete": True, "created_by": store.provenance()["by"],
+                                             "created_at": store.provenance()["at"]})
+
+
+def _client(config: FeaturesConfig):
+    from dask.distributed import Client, LocalCluster
+
+    address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        return Client(address), None
+    if config.workers:
+        cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    else:  # in-process threads: no start-up cost, and torch releases the GIL in its kernels
+        cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def compute_features(config: FeaturesConfig, progress=None) -> FeaturesSummary:
+    """Run stage 2; see the module docstring."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    tasks, computed, fresh = plan_tasks(config, device)
+    if tasks:
+        from dask.distributed import as_completed
+
+        client, cluster = _client(config)
+        threads = torch.get_num_threads()
+        if cluster is not None and not config.workers:
+            torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them
+        bar = progress(total_layers=len(tasks), total_bytes=0) if progress else None  # one step per model chunk
+        try:
+            futures = client.map(run_task, tasks, pure=False)
+            for future in as_completed(futures):
+                nbytes, _ = future.result()
+                if bar:
+                    bar.update(layers=1, nbytes=nbytes)
+        finally:
+            if bar:
+                bar.close()
+            client.close()
+            if cluster is not None:
+                cluster.close()
+            torch.set_num_threads(threads)
+    _finish(config, computed)
+    return FeaturesSummary(computed, fresh, len(tasks), time.perf_counter() - started)

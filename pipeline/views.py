@@ -1,0 +1,45 @@
+"""Read-only xarray views of a store: features side by side, with labels and model ids as coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from . import store
+from .errors import PipelineError
+
+
+def open_labels(path: str, split: str) -> xr.Dataset:
+    """labels/<split> as a Dataset over ``model``; categorical codes carry their classes in attrs."""
+    _check_split(path, split)
+    return xr.open_zarr(path, group=f"labels/{split}", consolidated=False)
+
+
+def open_features(path: str, split: str, complete_only: bool = True) -> xr.Dataset:
+    """features/<split> as one Dataset: a variable per representation, layer/module coordinates, labels on ``model``.
+
+    Representations not marked complete are left out unless ``complete_only`` is False.
+    """
+    _check_split(path, split)
+    try:
+        features = xr.open_zarr(path, group=f"features/{split}", consolidated=False)
+    except (FileNotFoundError, KeyError):
+        raise PipelineError(f"store {path} has no features for split {split!r}; run `pipeline features --store {path}`") from None
+    if complete_only:
+        features = features[[name for name in features.data_vars if features[name].attrs.get("complete")]]
+    labels = open_labels(path, split)
+    coords = {name: ("model", labels[name].values) for name in labels.data_vars}
+    return features.assign_coords(coords)
+
+
+def _check_split(path: str, split: str) -> None:
+    root = store.open_root(path)
+    splits = root.attrs["splits"]
+    if split not in splits:
+        raise PipelineError(f"store {path} has no split {split!r}; it has {', '.join(splits)}")
+
+
+def decode(labels: xr.DataArray) -> np.ndarray:
+    """Integer codes of a categorical label back to its class names."""
+    classes = np.asarray(labels.attrs["classes"])
+    return classes[labels.values]
