@@ -258,8 +258,11 @@ def _finish(config: FeaturesConfig, computed: dict) -> None:
 
 
 def _client(config: FeaturesConfig):
+    import logging
+
     from dask.distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # a task's failure still reaches the user as its exception
     address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
         return Client(address), None

@@ -108,7 +108,8 @@ def check_writable(path: str | Path) -> None:
 
 
 def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
-    if mode == "r" and not is_ours(path):
+    """An existing store of ours, read-only ("r") or for updating ("r+")."""
+    if not is_ours(path):
         raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
