@@ -129,6 +129,66 @@ def features(store, reps, splits, device, workers, scheduler, force, list_reps, 
 
 @main.command()
 @store_option
+@click.option("--rep", "reps", default="all", show_default=True,
+              help="all (every representation in the store), a,b (separate configurations) or a+b (concatenated).")
+@click.option("--layers", default="all", show_default=True,
+              help="Layer sets, comma-separated: all, visual (attn1), text (attn2) or a regex on layer/module names.")
+@click.option("--label", default="category_label", show_default=True)
+@click.option("--runs", default=10, show_default=True, help="Runs per configuration (seeds seed..seed+runs-1).")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--model", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--hidden", default=512, show_default=True)
+@click.option("--depth", default=3, show_default=True, help="Hidden layers of the MLP.")
+@click.option("--dropout", default=0.5, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--epochs", default=300, show_default=True)
+@click.option("--patience", default=15, show_default=True, help="Stop after this many epochs without a better val score.")
+@click.option("--plateau-patience", default=10, show_default=True)
+@click.option("--plateau-factor", default=0.5, show_default=True)
+@click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
+@click.option("--quiet", is_flag=True)
+def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, dropout, lr, weight_decay, batch_size, epochs,
+          patience, plateau_patience, plateau_factor, force, quiet):
+    """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
+    from pipeline.store import default_store
+    from pipeline.train import TrainConfig, train as run
+
+    config = TrainConfig(store=store or default_store(), reps=reps, layers=layers, label=label, runs=runs, seed=seed,
+                         model=model, device=device, hidden=hidden, depth=depth, dropout=dropout, lr=lr,
+                         weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
+                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet)
+
+    def echo(result):
+        if not quiet:
+            done = f"{len(result.trained)} runs trained in {result.seconds:.1f} s" if result.trained else "up to date"
+            skipped = f", {len(result.skipped)} finished before" if result.trained and result.skipped else ""
+            click.echo(f"{result.setup.name:40} {result.config_hash}  width {result.width:6}  {done}{skipped}  "
+                       f"test {result.score} {result.test_score:.3f}")
+
+    summary = run(config, on_result=echo)
+    if not quiet:
+        click.echo(f"{len(summary.results)} configurations: {summary.trained} runs trained, {summary.skipped} skipped, "
+                   f"{summary.seconds:.1f} s")
+
+
+@main.command()
+@store_option
+@click.option("--out", default=None, type=click.Path(), help="Folder to write (default: <store>.report beside the store).")
+def report(store, out):
+    """Tables and plots of the stored runs: results.md, results.csv, PNG figures."""
+    from pipeline.report import write_report
+    from pipeline.store import default_store
+
+    summary = write_report(store or default_store(), out)
+    click.echo(summary.table)
+    click.echo(f"wrote {len(summary.files)} files to {summary.out}")
+
+
+@main.command()
+@store_option
 def info(store):
     """Show what a store holds."""
     from pipeline.info import describe

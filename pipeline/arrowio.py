@@ -74,6 +74,22 @@ def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarr
     return MatrixColumn(name, int(outer[0]) if len(outer) else 0, int(ranks.max(initial=0)), 1, numpy_dtype)
 
 
+def check_shapes(column: pa.ChunkedArray, spec: MatrixColumn, ranks: np.ndarray) -> None:
+    """Refuse rows whose shape differs (other than by rank) before anything is written.
+
+    Cheap: per Arrow chunk it compares value counts from offsets; only a chunk that disagrees is
+    inspected row by row (by ``_padded_chunk``) to name the row.
+    """
+    start = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        total = int(ranks[start:start + n].sum())
+        expected = total * spec.cols if spec.rank_axis == 0 else spec.rows * total
+        if len(chunk.flatten().flatten()) != expected:
+            _padded_chunk(chunk, spec, ranks, start)  # raises, naming the row
+        start += n
+
+
 def _chunk_values(chunk: pa.Array) -> tuple[np.ndarray, pa.Array]:
     inner = chunk.flatten()  # respects slicing of the outer list
     values = inner.flatten().to_numpy(zero_copy_only=False)
@@ -81,48 +97,34 @@ def _chunk_values(chunk: pa.Array) -> tuple[np.ndarray, pa.Array]:
 
 
 def _padded_chunk(chunk: pa.Array, spec: MatrixColumn, ranks: np.ndarray, first_row: int) -> np.ndarray:
-    """(n, rows, cols) of one Arrow chunk: a zero-copy view when all shapes agree, else padded."""
+    """(n, rows, cols) of one Arrow chunk: a zero-copy view when all shapes agree, else zero-padded."""
     n = len(chunk)
     values, inner = _chunk_values(chunk)
-    if values.size == n * spec.rows * spec.cols:
-        view = values.reshape(n, spec.rows, spec.cols)
-        chunk_ranks = ranks[first_row:first_row + n]
-        if n == 0 or (chunk_ranks == (spec.rows if spec.rank_axis == 0 else spec.cols)).all():
-            return view
     chunk_ranks = ranks[first_row:first_row + n]
-    out = np.zeros((n, spec.rows, spec.cols), dtype=values.dtype)
+    full = spec.rows if spec.rank_axis == 0 else spec.cols
+    if values.size == n * spec.rows * spec.cols and (chunk_ranks == full).all():
+        return values.reshape(n, spec.rows, spec.cols)
+    lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
     if spec.rank_axis == 0:  # down: row i holds ranks[i] inner lists of length `cols`
-        expected = int(chunk_ranks.sum()) * spec.cols
-        if values.size != expected:
-            _raise_ragged(spec, inner, first_row)
-        rows_of = np.repeat(np.arange(n), chunk_ranks)
-        starts = np.repeat(np.cumsum(chunk_ranks) - chunk_ranks, chunk_ranks)
-        out[rows_of, np.arange(rows_of.size) - starts] = values.reshape(-1, spec.cols)
+        expected = np.full(int(chunk_ranks.sum()), spec.cols)
+        row_of_list = np.repeat(np.arange(n), chunk_ranks)
     else:  # up: row i holds `rows` inner lists of length ranks[i]
-        lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
         expected = np.repeat(chunk_ranks, spec.rows)
-        if lengths.size != n * spec.rows or (lengths != expected).any():
-            _raise_ragged(spec, inner, first_row, lengths, expected)
-        list_of = np.repeat(np.arange(lengths.size), lengths)
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[list_of // spec.rows, list_of % spec.rows, np.arange(list_of.size) - starts] = values
+        row_of_list = np.repeat(np.arange(n), spec.rows)
+    if lengths.size != expected.size or (lengths != expected).any():
+        bad = np.flatnonzero(lengths[:expected.size] != expected[:lengths.size])
+        row = first_row + int(row_of_list[bad[0]] if bad.size else row_of_list[-1] if row_of_list.size else 0)
+        raise PipelineError(f"column {spec.name!r}: row {row} has a different shape than the others; "
+                            "every row of a column must have the same shape except the rank")
+    out = np.zeros((n, spec.rows, spec.cols), dtype=values.dtype)
+    list_id = np.repeat(np.arange(lengths.size), lengths)  # which inner list each value belongs to
+    within = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    if spec.rank_axis == 0:
+        starts = np.repeat(np.cumsum(chunk_ranks) - chunk_ranks, chunk_ranks)
+        out[row_of_list[list_id], (np.arange(lengths.size) - starts)[list_id], within] = values
+    else:
+        out[list_id // spec.rows, list_id % spec.rows, within] = values
     return out
-
-
-def _raise_ragged(spec: MatrixColumn, inner: pa.Array, first_row: int, lengths=None, expected=None) -> None:
-    if lengths is None:
-        lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
-        bad = int(np.flatnonzero(lengths != spec.cols)[0]) if (lengths != spec.cols).any() else 0
-        row = first_row  # the outer offsets locate the row; the first mismatch is enough to name one
-        raise PipelineError(
-            f"column {spec.name!r}: rows have different shapes (an inner list of length {lengths[bad]} where {spec.cols} "
-            f"was expected, near row {row}); every row of a column must have the same shape except the rank"
-        )
-    bad = int(np.flatnonzero(lengths != expected)[0]) if lengths.size == expected.size else 0
-    raise PipelineError(
-        f"column {spec.name!r}: row {first_row + bad // max(spec.rows, 1)} does not have shape "
-        f"({spec.rows}, rank); every row of a column must have the same shape except the rank"
-    )
 
 
 def gather(column: pa.ChunkedArray, spec: MatrixColumn, ranks: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:

@@ -16,8 +16,8 @@ _SCHEMES: tuple[tuple[str, re.Pattern], ...] = (
     ("diffusers", re.compile(r"^(?P<module>.+)\.lora\.(?P<role>down|up)\.weight$")),
     # peft: ...to_q.lora_A.weight or ...to_q.lora_A.default.weight
     ("peft", re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")),
-    # kohya: lora_unet_..._to_q.lora_down.weight
-    ("kohya", re.compile(r"^(?P<module>.+)\.lora_(?P<role>down|up)\.weight$")),
+    # kohya: lora_unet_..._to_q.lora_down.weight, or ..._to_q_lora_down.weight as some tools write it
+    ("kohya", re.compile(r"^(?P<module>.+?)[._]lora_(?P<role>down|up)\.weight$")),
     # cloneofsimo index style: unet:12:down
     ("index", re.compile(r"^(?P<module>[^:]+:\d+):(?P<role>down|up)$")),
 )

@@ -118,7 +118,8 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     for name, ds in source.splits.items():
         if list(ds.data.schema.names) != columns:
             raise PipelineError(f"source split {name!r} has different columns than the others; every split needs the same columns")
-    modules, alpha_columns = pair_modules(columns)
+    all_modules, alpha_columns = pair_modules(columns)
+    modules = all_modules
     if not modules:
         raise PipelineError(
             f"source {source.uri} has no LoRA weight columns (expected names like '...lora.down.weight', "
@@ -126,7 +127,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         )
     modules = select_modules(modules, config.layers)
     lora_columns = {c for m in modules for c in (m.down, m.up)}
-    all_lora = {c for m in pair_modules(columns)[0] for c in (m.down, m.up)}
+    all_lora = {c for m in all_modules for c in (m.down, m.up)}
     id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
     labels = _label_plan(source, label_candidates, schema)
@@ -134,7 +135,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         if wanted not in labels:
             scalar = ", ".join(labels) or "none"
             raise PipelineError(f"label column {wanted!r} is not in the source; scalar columns there: {scalar}")
-    ignored = sorted(c for c in columns if c not in lora_columns and c not in labels and c not in alpha_columns and c != id_column)
+    ignored = sorted(c for c in columns if c not in all_lora and c not in labels and c not in alpha_columns and c != id_column)
 
     sizes = {name: ds.num_rows for name, ds in source.splits.items()}
     splits = [SplitPlan(safe_key(s.name), s.source_split, s.rows) for s in
@@ -148,6 +149,9 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         ranks = {name: arrowio.row_ranks(ds.data.column(module.down), module.down) for name, ds in source.splits.items()}
         downs = [arrowio.describe(ds.data.column(module.down), module.down, 0, ranks[n]) for n, ds in source.splits.items()]
         ups = [arrowio.describe(ds.data.column(module.up), module.up, 1, ranks[n]) for n, ds in source.splits.items()]
+        for (name, ds), d, u in zip(source.splits.items(), downs, ups):
+            arrowio.check_shapes(ds.data.column(module.down), d, ranks[name])
+            arrowio.check_shapes(ds.data.column(module.up), u, ranks[name])
         down = max(downs, key=lambda d: d.rows)
         up = max(ups, key=lambda u: u.cols)
         if len({d.cols for d in downs}) > 1 or len({u.rows for u in ups}) > 1:
@@ -304,8 +308,8 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
                         attrs={"description": f"row index in source split {split.source_split!r}"})[:] = split.rows
     if p.id_column:
         ids = table.column(p.id_column).take(take).to_numpy(zero_copy_only=False).astype(str)
-        store.require_array(root, f"{path}/model_id", (n,), (max(n, 1),), ids.dtype, ("model",),
-                            attrs={"column": p.id_column})[:] = ids
+        root.create_array(f"{path}/model_id", shape=(n,), dtype=str, dimension_names=("model",),
+                          attributes={"column": p.id_column}, overwrite=True)[:] = ids
     for name, info in p.labels.items():
         values = table.column(name).take(take)
         key = safe_key(name)
@@ -343,13 +347,13 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
     root = _open_or_create(config, p)
     todo = [(s, m) for s in p.splits for m in p.modules if not store.group_complete(root, f"raw/{s.name}/{m.module.key}")]
     skipped = len(p.splits) * len(p.modules) - len(todo)
-    for split in p.splits:
-        if not store.group_complete(root, f"labels/{split.name}"):
-            _write_labels(root, p, split)
     written = 0
     bar = progress(total_layers=2 * len(todo), total_bytes=sum(len(s.rows) * m.row_bytes() for s, m in todo)) if progress else None
     writer = _Writer()
     try:
+        for split in p.splits:
+            if not store.group_complete(root, f"labels/{split.name}"):
+                _write_labels(root, p, split)
         for split, mp in todo:
             chunk = min(p.chunk_models, max(len(split.rows), 1))
             nbytes = _copy_module(root, split, mp, source, config, chunk, writer)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from safetensors import safe_open
 
 from .errors import PipelineError
 
@@ -186,6 +187,13 @@ def _open_safetensors_folder(folder: Path, labels_csv: str | None) -> Source:
     unknown = sorted(set(labels) - names)
     if unknown:
         raise PipelineError(f"{csv_path.name} names {len(unknown)} file(s) not in {folder}, e.g. {unknown[0]!r}")
+    names_of = {}
+    for path in files:  # headers only: refuse mixed naming schemes before converting anything
+        with safe_open(str(path), framework="numpy") as handle:
+            names_of[path.name] = set(handle.keys())
+    for path in files[1:]:
+        if names_of[path.name] != names_of[files[0].name]:
+            raise PipelineError(f"{path.name} has different tensor names than {files[0].name}; keep one naming scheme per folder")
     label_columns = [c for c in labels[files[0].name] if c != key]
     first = _load_adapter(files[0])
     first_labels = {c: _csv_value(labels[files[0].name][c]) for c in label_columns}
@@ -194,10 +202,7 @@ def _open_safetensors_folder(folder: Path, labels_csv: str | None) -> Source:
 
     def rows(paths):
         for path in paths:
-            tensors = _load_adapter(Path(path))
-            if set(tensors) != set(first):
-                raise PipelineError(f"{Path(path).name} has different tensor names than {files[0].name}; keep one naming scheme per folder")
-            row = {name: value for name, value in tensors.items()}
+            row = dict(_load_adapter(Path(path)))
             row.update({c: _csv_value(labels[Path(path).name][c]) for c in label_columns})
             row["file"] = Path(path).name
             yield row

@@ -147,7 +147,13 @@ def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=(
                     progress(min(_BATCH, n - start))
             writer.finalize()
         table = datasets.Dataset.from_file(str(arrow_file))
-        datasets.DatasetDict({"train": table}).save_to_disk(str(work / "dataset"))
+        bars_were_on = not datasets.utils.are_progress_bars_disabled()
+        datasets.utils.disable_progress_bars()  # our own bar already showed the generation
+        try:
+            datasets.DatasetDict({"train": table}).save_to_disk(str(work / "dataset"))
+        finally:
+            if bars_were_on:
+                datasets.utils.enable_progress_bars()
         (work / "dataset").rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

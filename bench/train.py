@@ -1,0 +1,181 @@
+"""Benchmark, run by hand: the original training loop vs `pipeline train`, on the same stored features.
+
+    python bench/train.py [--n 2000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
+
+On the --n adapter synthetic store (built under stores/bench/ with the requested representations if
+missing), for each representation, with every layer and the original hyper-parameters:
+ (a) the original loop: nn.Sequential MLP, a shuffled torch DataLoader, torch.optim.Adam,
+     ReduceLROnPlateau, sklearn metrics on the validation set every epoch, one run after another;
+ (b) `pipeline train` (Python API, --force): all runs at once as a batched ensemble, runs written
+     to the store.
+Both start from the same standardised features; (a) is timed from its first run to its last, (b)
+including reading the features and writing the runs. (a) reports the test accuracy of the last epoch
+(what the original reported, by mistake) and of the best-validation weights; (b) reports the latter.
+
+``original_run`` is also the reference tests/test_train.py compares the batched ensemble with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import store as store_mod  # noqa: E402
+from pipeline.train import Hyper, Setup, TrainConfig, load_data, train  # noqa: E402
+
+ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
+                 "info_theoretic", "ensemble")
+
+
+def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp: Hyper, n_classes: int, device="cpu"):
+    """One run of the original loop (classification). Returns curves, best epoch and test accuracies.
+
+    The only departures: a one-row last batch is skipped (BatchNorm would raise), and the best
+    weights are deep-copied as well as referenced, so both the original's last-epoch result and the
+    intended best-weights result are reported.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    layers, width = [], x_train.shape[1]
+    for _ in range(hp.depth):
+        layers += [nn.Linear(width, hp.hidden), nn.BatchNorm1d(hp.hidden), nn.ReLU(), nn.Dropout(hp.dropout)]
+        width = hp.hidden
+    model = nn.Sequential(*layers, nn.Linear(width, n_classes)).to(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=hp.batch_size,
+                                         shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=hp.plateau_factor,
+                                                           patience=hp.plateau_patience)
+    curves = {"train_loss": [], "train_score": [], "val_score": [], "lr": []}
+    best, best_epoch, bad, best_copy = -np.inf, 0, 0, None
+    for epoch in range(1, hp.epochs + 1):
+        model.train()
+        total, correct, seen = 0.0, 0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for xb, yb in loader:
+            if len(yb) < 2:
+                continue
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad()
+            out = model(xb)
+            loss = criterion(out, yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(yb)
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        model.eval()
+        with torch.no_grad():
+            val_pred = model(x_val.to(device)).argmax(1).cpu().numpy()
+        val_acc = accuracy_score(y_val.numpy(), val_pred)
+        f1_score(y_val.numpy(), val_pred, average="macro", zero_division=0)  # the original's per-epoch sklearn cost
+        scheduler.step(val_acc)
+        for name, value in zip(curves, (total / seen, correct / seen, val_acc, lr)):
+            curves[name].append(value)
+        if val_acc > best:
+            best, best_epoch, bad = val_acc, epoch, 0
+            best_copy = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= hp.patience:
+                break
+
+    def test_acc():
+        model.eval()
+        with torch.no_grad():
+            return accuracy_score(y_test.numpy(), model(x_test.to(device)).argmax(1).cpu().numpy())
+
+    last = test_acc()  # the original's state_dict() reference: the last epoch's weights
+    model.load_state_dict(best_copy)
+    return {"curves": curves, "best_epoch": best_epoch, "test_last": last, "test_best": test_acc()}
+
+
+def ensure_store(n: int, reps: tuple[str, ...], home: Path) -> str:
+    from pipeline.features import FeaturesConfig, compute_features
+    from pipeline.materialize import MaterializeConfig, materialize
+    from pipeline.synthetic import write_synthetic
+
+    home.mkdir(parents=True, exist_ok=True)
+    source = home / f"synth-n{n}"
+    path = home / f"train-n{n}.zarr"
+    if not source.exists():
+        print(f"writing {n} synthetic adapters to {source}", flush=True)
+        write_synthetic(source, n)
+    if not store_mod.is_ours(path):
+        print(f"materializing {path}", flush=True)
+    materialize(MaterializeConfig(store=str(path), source=str(source), quiet=True))  # skips what is complete
+    started = time.perf_counter()
+    summary = compute_features(FeaturesConfig(store=str(path), reps=",".join(reps), quiet=True))
+    if summary.tasks:
+        print(f"computed features {', '.join(reps)} in {time.perf_counter() - started:.1f} s", flush=True)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--reps", default=",".join(ORIGINAL_REPS))
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--home", default=str(ROOT / "stores" / "bench"))
+    args = parser.parse_args()
+    import sklearn.metrics  # noqa: F401  (imported before timing: its import takes seconds)
+
+    reps = tuple(r.strip() for r in args.reps.split(",") if r.strip())
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    path = ensure_store(args.n, reps, Path(args.home))
+    config = TrainConfig(store=path, runs=args.runs, epochs=args.epochs, device=device, force=True, quiet=True)
+    hp = Hyper.of(config)
+    root = store_mod.open_root(path)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, n {args.n}, {args.runs} runs, <= {args.epochs} epochs")
+    rows = []
+    for rep in reps:
+        data = load_data(root, path, Setup((rep,), "all"), config.label)
+        tensors = [torch.from_numpy(data.x[s]) for s in ("train", "val", "test")]
+        labels = [torch.from_numpy(data.y[s]) for s in ("train", "val", "test")]
+        started = time.perf_counter()
+        originals = [original_run(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], config.seed + r, hp,
+                                  len(data.classes), device) for r in range(args.runs)]
+        seconds_a = time.perf_counter() - started
+        started = time.perf_counter()
+        summary = train(TrainConfig(**{**config.__dict__, "reps": rep}))
+        seconds_b = time.perf_counter() - started
+        result = summary.results[0]
+        group = store_mod.open_root(path)[f"runs/{result.config_hash}"]
+        accs_b = [group[f"run-{r:03d}"].attrs["metrics"]["test"]["accuracy"] for r in range(args.runs)]
+        rows.append((rep, data.width, seconds_a, seconds_b, [o["test_last"] for o in originals],
+                     [o["test_best"] for o in originals], accs_b))
+        print(f"{rep:15} a {seconds_a:8.1f} s   b {seconds_b:8.1f} s   a/b {seconds_a / seconds_b:6.1f}", flush=True)
+    _print_table(rows)
+
+
+def _print_table(rows) -> None:
+    def pm(values):
+        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+
+    print()
+    print(f"| {'representation':15} | width | a: original (s) | b: pipeline (s) | a/b | a: test acc, last epoch | "
+          f"a: test acc, best val | b: test acc, best val |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
+    for rep, width, sa, sb, last, best, accs_b in rows:
+        print(f"| {rep:15} | {width} | {sa:.1f} | {sb:.1f} | {sa / sb:.1f} | {pm(last)} | {pm(best)} | {pm(accs_b)} |")
+    total_a, total_b = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    print(f"| whole grid | | {total_a:.1f} | {total_b:.1f} | {total_a / total_b:.1f} | | | |")
+
+
+if __name__ == "__main__":
+    main()

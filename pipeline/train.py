@@ -1,0 +1,691 @@
+"""Stage 3: train an MLP (or a linear model) on stored features, every run of a configuration at once.
+
+A *configuration* is one cell of the grid: representations (``a`` or ``a+b``) x layer set, plus the
+label and every hyper-parameter. Its runs (seeds ``seed + run``) train together as a batched
+ensemble: each weight has a leading run axis, so one step is a few batched matmuls for all runs,
+yet every run has its own initialisation, shuffling, dropout masks, BatchNorm statistics, learning
+rate schedule and early stopping. Runs that stop are dropped from the ensemble (their best and last
+weights are kept), and the loop ends when all have stopped.
+
+On the CPU every run draws its random numbers from its own generator in exactly the order the
+original loop drew them from torch's global generator (model init; per epoch the DataLoader's two
+seed draws then a randperm; a Bernoulli mask per Dropout), so each run equals the original training
+loop with ``torch.manual_seed(seed + run)`` up to float rounding (tests/test_train.py checks it).
+
+Only ``labels/``, ``features/`` and the root attrs are read; results go to ``runs/<config-hash>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from . import metrics, representations, store
+from .errors import PipelineError
+from .features import rep_state, resolve_device
+from .layers import safe_key
+
+TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
+SPLITS = ("train", "val", "test")
+LAYER_SETS = {"all": None, "visual": "attn1", "text": "attn2"}  # the original's configurations
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # torch.nn.BatchNorm1d defaults
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
+PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau default (relative)
+_EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at once (128 MB)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``pipeline train`` takes; the defaults are the original protocol."""
+
+    store: str = store.DEFAULT_STORE
+    reps: str = "all"  # "all", "a,b" (separate configurations) or "a+b" (concatenated); mixable: "a,b+c"
+    layers: str = "all"  # comma-separated layer sets: all, visual, text, or a regex
+    label: str = "category_label"
+    runs: int = 10
+    seed: int = 42
+    model: str = "mlp"  # or "linear"
+    device: str = "auto"
+    hidden: int = 512
+    depth: int = 3
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 300
+    patience: int = 15
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        checks = [("runs", self.runs >= 1), ("hidden", self.hidden >= 1), ("depth", self.depth >= 0),
+                  ("dropout", 0 <= self.dropout < 1), ("lr", self.lr > 0), ("weight-decay", self.weight_decay >= 0),
+                  ("batch-size", self.batch_size >= 2), ("epochs", self.epochs >= 1), ("patience", self.patience >= 1),
+                  ("plateau-patience", self.plateau_patience >= 0), ("plateau-factor", 0 < self.plateau_factor < 1),
+                  ("seed", self.seed >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range")
+        if self.model not in ("mlp", "linear"):
+            raise PipelineError(f"unknown --model {self.model!r}; use mlp or linear")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """What the trainer needs: the model and optimisation settings (``linear`` is depth 0, no dropout)."""
+
+    depth: int = 3
+    hidden: int = 512
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 300
+    patience: int = 15
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "Hyper":
+        linear = config.model == "linear"
+        return cls(depth=0 if linear else config.depth, hidden=0 if linear else config.hidden,
+                   dropout=0.0 if linear else config.dropout, lr=config.lr, weight_decay=config.weight_decay,
+                   batch_size=config.batch_size, epochs=config.epochs, patience=config.patience,
+                   plateau_patience=config.plateau_patience, plateau_factor=config.plateau_factor)
+
+
+# --- the grid ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One cell of the grid: representations concatenated in this order, restricted to one layer set."""
+
+    reps: tuple[str, ...]
+    layer_set: str
+
+    @property
+    def name(self) -> str:
+        return f"{'+'.join(self.reps)} [{self.layer_set}]"
+
+
+def layer_pattern(layer_set: str) -> re.Pattern | None:
+    """all -> None (everything); visual -> attn1; text -> attn2; anything else is a regex (re.search)."""
+    if layer_set in LAYER_SETS:
+        pattern = LAYER_SETS[layer_set]
+        return None if pattern is None else re.compile(re.escape(pattern))
+    try:
+        return re.compile(layer_set)
+    except re.error as err:
+        raise PipelineError(f"--layers {layer_set!r} is not a valid regular expression ({err})") from None
+
+
+def select(names: list[str], layer_set: str) -> np.ndarray:
+    """Indices of the names (layer or module names) that the layer set keeps, in stored order."""
+    pattern = layer_pattern(layer_set)
+    return np.array([i for i, name in enumerate(names) if pattern is None or pattern.search(name)], dtype=np.int64)
+
+
+def _stored_reps(root: zarr.Group) -> list[str]:
+    features = root.get("features/train")
+    present = set(features.array_keys()) if features is not None else set()
+    return [name for name in representations.REGISTRY if name in present]
+
+
+def plan_grid(root: zarr.Group, config: TrainConfig) -> list[Setup]:
+    """The configurations asked for: rep groups x layer sets, in the order given."""
+    if config.reps.strip() == "all":
+        groups = [(name,) for name in _stored_reps(root)]
+        if not groups:
+            raise PipelineError(f"store {config.store} has no features yet; run `pipeline features --store {config.store}`")
+    else:
+        groups = [tuple(p.strip() for p in part.split("+")) for part in config.reps.split(",") if part.strip()]
+        if not groups or any(not all(g) for g in groups):
+            raise PipelineError(f"--rep {config.reps!r}: name representations like a,b or a+b")
+        for group in groups:
+            for name in group:
+                representations.get(name)
+    layer_sets = [s.strip() for s in config.layers.split(",") if s.strip()]
+    if not layer_sets:
+        raise PipelineError("--layers names no layer set; use all, visual, text or a regex")
+    return [Setup(group, layer_set) for group in dict.fromkeys(groups) for layer_set in dict.fromkeys(layer_sets)]
+
+
+# --- data: stored features -> standardised tensors ---------------------------------------------------
+
+
+@dataclass
+class Data:
+    """One configuration's inputs, standardised with train statistics; y is codes or floats."""
+
+    x: dict[str, np.ndarray]  # split -> (n, width) float32
+    y: dict[str, np.ndarray]  # split -> (n,) int64 class codes or float64 targets
+    index: dict[str, np.ndarray]  # split -> positions in labels/<split> of the rows kept (labelled ones)
+    task: str  # "classification" or "regression"
+    classes: list[str]  # class names (classification)
+    layers: dict[str, list[str]]  # rep -> names of the selected layers (or modules)
+    y_scale: tuple[float, float] = (0.0, 1.0)  # regression: targets were standardised with this (mean, std)
+
+    @property
+    def width(self) -> int:
+        return self.x["train"].shape[1]
+
+
+def check_splits(root: zarr.Group, path: str) -> None:
+    splits = root.attrs["splits"]
+    for split in SPLITS:
+        if split not in splits:
+            raise PipelineError(f"store {path} has no {split!r} split (it has {', '.join(splits)}); training needs train, val and test")
+        if splits[split]["n"] == 0:
+            raise PipelineError(f"split {split!r} of store {path} has no rows; materialize with other --test-size/--val-test-size")
+
+
+def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, str, list[str]]:
+    """Per split the kept positions and targets, the task, and the class names. Rows without a label are dropped."""
+    known = root.attrs["labels"]
+    if label not in known:
+        raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
+    kind = known[label]["kind"]
+    raw = {split: root[f"labels/{split}/{safe_key(label)}"][:] for split in SPLITS}
+    if kind == "float":
+        task, classes = "regression", []
+        keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
+        y = {s: raw[s][keep[s]].astype(np.float64) for s in SPLITS}
+    elif kind == "categorical":
+        task, classes = "classification", list(known[label]["classes"])
+        keep = {s: np.flatnonzero(v >= 0) for s, v in raw.items()}
+        y = {s: raw[s][keep[s]].astype(np.int64) for s in SPLITS}
+    else:  # integer or bool: the distinct values are the classes, in sorted order (LabelEncoder)
+        task = "classification"
+        values = np.unique(np.concatenate([raw[s] for s in SPLITS]))
+        classes = [str(bool(v)) if kind == "bool" else str(v) for v in values]
+        keep = {s: np.arange(len(v)) for s, v in raw.items()}
+        y = {s: np.searchsorted(values, raw[s]).astype(np.int64) for s in SPLITS}
+    for split in SPLITS:
+        if len(keep[split]) == 0:
+            raise PipelineError(f"split {split!r} has no rows with a {label!r} label")
+    if task == "classification" and len(np.unique(y["train"])) < 2:
+        raise PipelineError(f"label {label!r} has only one class in the train split: nothing to classify")
+    return keep, y, task, classes
+
+
+def check_fresh(root: zarr.Group, path: str, name: str) -> None:
+    """The representation is complete and up to date in every split, or a one-line error with the fix."""
+    rep = representations.get(name)
+    fingerprint = root.attrs["source"]["fingerprint"]
+    fix = f"run `pipeline features --store {path} --rep {name}`"
+    for split in SPLITS:
+        try:
+            group = root[f"features/{split}"]
+        except KeyError:
+            raise PipelineError(f"representation {name!r} is not computed yet; {fix}") from None
+        state = rep_state(group, rep, fingerprint)
+        if state != "fresh":
+            what = {"partial": "only partly computed", "stale": "not computed yet or stale"}[state]
+            if state == "stale" and name in group:
+                what = "stale (computed from other data or an older version)"
+            raise PipelineError(f"representation {name!r} is {what} for split {split!r}; {fix}")
+
+
+def axis_names(root: zarr.Group, name: str) -> list[str]:
+    """Names along a representation's second axis: sorted layer names (tensor kind) or module names."""
+    if representations.get(name).kind == "tensor":
+        return [layer["name"] for layer in root.attrs["layers"]]
+    return [module["name"] for module in root.attrs["modules"]]
+
+
+def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict | None = None) -> Data:
+    """Slice the stored features to the layer set, flatten per model, concatenate reps, standardise."""
+    keep, y, task, classes = load_labels(root, path, label)
+    cache = {} if cache is None else cache
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    layers = {}
+    for name in setup.reps:
+        check_fresh(root, path, name)
+        names = axis_names(root, name)
+        index = select(names, setup.layer_set)
+        if len(index) == 0:
+            axis = "layers" if representations.get(name).kind == "tensor" else "modules"
+            raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} {axis} of {name!r}")
+        layers[name] = [names[i] for i in index]
+        for split in SPLITS:
+            if (split, name) not in cache:
+                cache[(split, name)] = root[f"features/{split}/{name}"][:]
+            values = cache[(split, name)][keep[split]][:, index].reshape(len(keep[split]), -1)
+            bad = int((~np.isfinite(values)).sum())
+            if bad:
+                raise PipelineError(f"features {name!r} of split {split!r} contain {bad} NaN/Inf values; "
+                                    f"recompute them with `pipeline features --store {path} --rep {name} --force`")
+            parts[split].append(values)
+    x = {s: np.concatenate(parts[s], axis=1) for s in SPLITS}
+    mean, scale = standard_scaler(x["train"])
+    x = {s: ((v - mean) / scale).astype(np.float32) for s, v in x.items()}
+    y_scale = (0.0, 1.0)
+    if task == "regression":  # train on standardised targets (well-scaled MSE); metrics are in original units
+        y_mean, y_std = standard_scaler(y["train"][:, None])
+        y_scale = (float(y_mean[0]), float(y_std[0]))
+    return Data(x, y, keep, task, classes, layers, y_scale)
+
+
+def standard_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn StandardScaler's mean and scale: population std in float64, 1 for (near-)constant features."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    mean = x.mean(0)
+    var = x.var(0)
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2  # sklearn's _is_constant_feature
+    scale = np.sqrt(var)
+    scale[constant | (scale < 10 * eps)] = 1.0
+    return mean, scale
+
+
+# --- the batched ensemble ------------------------------------------------------------------------------
+
+
+def _init_state(seeds: list[int], n_in: int, n_out: int, hp: Hyper) -> tuple[dict, list[torch.Generator]]:
+    """Per run, nn.Linear's init drawn from that run's generator in nn.Sequential's order; stacked on a run axis.
+
+    Weights are (R, in, out); BatchNorm weight 1, bias 0, running mean 0, running var 1.
+    """
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    sizes = [n_in] + [hp.hidden] * hp.depth + [n_out]
+    per_run = []
+    for g in gens:
+        layers = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1 / fan_in ** 0.5  # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear
+            w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=g)
+            b = torch.empty(fan_out).uniform_(-bound, bound, generator=g)
+            layers.append((w.T.contiguous(), b))
+        per_run.append(layers)
+    state = {}
+    for i in range(len(sizes) - 1):
+        state[f"w{i}"] = torch.stack([run[i][0] for run in per_run])
+        state[f"b{i}"] = torch.stack([run[i][1] for run in per_run])
+        if i < hp.depth:
+            state[f"gamma{i}"] = torch.ones(len(seeds), sizes[i + 1])
+            state[f"beta{i}"] = torch.zeros(len(seeds), sizes[i + 1])
+            state[f"mean{i}"] = torch.zeros(len(seeds), sizes[i + 1])
+            state[f"var{i}"] = torch.ones(len(seeds), sizes[i + 1])
+    return state, gens
+
+
+def _is_param(key: str) -> bool:
+    return not key.startswith(("mean", "var"))
+
+
+def forward(state: dict, x: torch.Tensor, depth: int, train: bool = False, dropout: float = 0.0,
+            noise_gens: list | None = None) -> torch.Tensor:
+    """Outputs (R, b, out) of every run. x: (R, b, in), one batch per run, or (n, in) shared by all runs."""
+    h = x
+    for i in range(depth + 1):
+        w, b = state[f"w{i}"], state[f"b{i}"]
+        h = torch.baddbmm(b[:, None], h, w) if h.dim() == 3 else torch.matmul(h, w) + b[:, None]
+        if i == depth:
+            return h
+        runs, rows, width = h.shape
+        # BatchNorm1d per run: runs x channels become the channels of one batch_norm call, so each run
+        # is normalised over its own batch, and its running stats (views of state) update in place.
+        flat = h.transpose(0, 1).reshape(rows, runs * width)
+        flat = F.batch_norm(flat, state[f"mean{i}"].view(-1), state[f"var{i}"].view(-1), state[f"gamma{i}"].reshape(-1),
+                            state[f"beta{i}"].reshape(-1), training=train, momentum=BN_MOMENTUM, eps=BN_EPS)
+        h = torch.relu(flat.view(rows, runs, width).transpose(0, 1))
+        if train and dropout > 0:
+            # F.dropout on the CPU is input * bernoulli_(1 - p) / (1 - p): the same draws, from each run's generator
+            noise = torch.stack([torch.empty(rows, width, device=h.device).bernoulli_(1 - dropout, generator=g)
+                                 for g in noise_gens])
+            h = h * noise.div_(1 - dropout)
+    return h
+
+
+def evaluate(state: dict, x: torch.Tensor, depth: int, width_hint: int) -> torch.Tensor:
+    """Eval-mode outputs (R, n, out) for a shared input (n, in), in row chunks that bound the memory."""
+    runs = state["w0"].shape[0]
+    rows = max(1, _EVAL_ELEMENTS // max(1, runs * max(width_hint, 1)))
+    with torch.no_grad():
+        return torch.cat([forward(state, x[i:i + rows], depth) for i in range(0, len(x), rows)], dim=1)
+
+
+def _epoch_order(gen: torch.Generator, n: int) -> torch.Tensor:
+    """The permutation a shuffled DataLoader would use, drawing from ``gen`` as it draws from the global one."""
+    torch.empty((), dtype=torch.int64).random_(generator=gen)  # _BaseDataLoaderIter's base seed
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=gen).item())  # RandomSampler's seed
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean loss per run (R,): out (R, b, K or 1), y (R, b)."""
+    runs, rows = y.shape
+    if task == "classification":
+        return F.cross_entropy(out.reshape(runs * rows, -1), y.reshape(-1), reduction="none").view(runs, rows).mean(1)
+    return ((out[..., 0] - y) ** 2).mean(1)
+
+
+def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Accuracy or R^2 per run (R,) of outputs (R, n, K or 1) against y (n,)."""
+    if task == "classification":
+        return (out.argmax(-1) == y[None]).to(torch.float64).mean(1)
+    return metrics.r2(y, out[..., 0])
+
+
+@dataclass
+class Ensemble:
+    """The outcome of training R runs together: per run curves, best epoch, best and last weights."""
+
+    curves: dict[str, list[np.ndarray]]  # name -> per run (epochs_trained,) arrays
+    best_epoch: np.ndarray  # (R,) 1-based
+    best: dict  # state with the best-validation weights of every run (copied when they were best)
+    last: dict  # state at each run's last epoch
+    depth: int
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                   seeds: list[int], hp: Hyper, task: str, n_out: int) -> Ensemble:
+    """Train one run per seed, together, on the device of x_train. x: (n, d) float32; y: (n,) codes or floats."""
+    started = time.perf_counter()
+    device = x_train.device
+    runs, n = len(seeds), len(x_train)
+    init, gens = _init_state(seeds, x_train.shape[1], n_out, hp)
+    state = {k: v.to(device) for k, v in init.items()}
+    noise_gens = gens if device.type == "cpu" else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    best = {k: v.clone() for k, v in state.items()}
+    last = {k: v.clone() for k, v in state.items()}
+    adam_m = {k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)}
+    adam_v = {k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)}
+    active = np.arange(runs)  # original run ids of the runs still training, in ensemble order
+    lr = np.full(runs, hp.lr)
+    best_score, plateau_best = np.full(runs, -np.inf), np.full(runs, -np.inf)
+    bad_epochs, plateau_bad = np.zeros(runs, int), np.zeros(runs, int)
+    best_epoch = np.zeros(runs, int)
+    curves = {k: [[] for _ in range(runs)] for k in ("train_loss", "train_score", "val_loss", "val_score", "lr")}
+    step = 0
+    for epoch in range(1, hp.epochs + 1):
+        order = torch.stack([_epoch_order(gens[r], n) for r in active]).to(device)  # (A, n)
+        loss_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
+        score_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
+        seen = 0
+        for start in range(0, n, hp.batch_size):
+            idx = order[:, start:start + hp.batch_size]
+            if idx.shape[1] < 2:  # a one-row batch: BatchNorm cannot train on it (the original would crash)
+                continue
+            xb, yb = x_train[idx], y_train[idx]
+            params = {k: v.requires_grad_() for k, v in state.items() if _is_param(k)}
+            out = forward(state, xb, hp.depth, train=True, dropout=hp.dropout, noise_gens=[noise_gens[r] for r in active])
+            loss = _loss(out, yb, task)
+            grads = torch.autograd.grad(loss.sum(), list(params.values()))
+            step += 1
+            with torch.no_grad():
+                _adam_step(state, params, grads, adam_m, adam_v, lr[active],
+                           step, hp.weight_decay)
+                rows = idx.shape[1]
+                seen += rows
+                loss_sum += loss.detach().to(torch.float64) * rows
+                if task == "classification":
+                    score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
+        with torch.no_grad():
+            val_out = evaluate(state, x_val, hp.depth, max(hp.hidden, n_out))
+            val_loss = _loss(val_out, y_val[None].expand(len(active), -1), task)
+            val_score = _score(val_out, y_val, task)
+        host = torch.stack([loss_sum / max(seen, 1), score_sum / max(seen, 1), val_loss.to(torch.float64),
+                            val_score.to(torch.float64)]).cpu().numpy()  # one device sync per epoch
+        for pos, r in enumerate(active):
+            for name, value in zip(("train_loss", "train_score", "val_loss", "val_score", "lr"), (*host[:, pos], lr[r])):
+                curves[name][r].append(value)
+        if task == "regression":  # R^2 of the training batches is not meaningful: report it on the whole train set
+            with torch.no_grad():
+                train_r2 = _score(evaluate(state, x_train, hp.depth, max(hp.hidden, n_out)), y_train, task).cpu().numpy()
+            for pos, r in enumerate(active):
+                curves["train_score"][r][-1] = train_r2[pos]
+        scores = host[3]
+        # ReduceLROnPlateau(mode="max", threshold=1e-4 relative), stepped on the validation score
+        better = scores > plateau_best[active] * (1 + PLATEAU_THRESHOLD)
+        plateau_best[active] = np.where(better, scores, plateau_best[active])
+        plateau_bad[active] = np.where(better, 0, plateau_bad[active] + 1)
+        reduce = active[plateau_bad[active] > hp.plateau_patience]
+        smaller = lr[reduce] * hp.plateau_factor
+        lr[reduce] = np.where(lr[reduce] - smaller > 1e-8, smaller, lr[reduce])  # the scheduler's eps
+        plateau_bad[reduce] = 0
+        # early stopping on a strictly better validation score; the best weights are COPIED
+        improved = scores > best_score[active]
+        if improved.any():
+            pos = torch.as_tensor(np.flatnonzero(improved), device=device)
+            ids = torch.as_tensor(active[improved], device=device)
+            for k, v in state.items():
+                best[k][ids] = v.detach()[pos]
+        best_epoch[active[improved]] = epoch
+        best_score[active] = np.where(improved, scores, best_score[active])
+        bad_epochs[active] = np.where(improved, 0, bad_epochs[active] + 1)
+        stop = (bad_epochs[active] >= hp.patience) | (epoch == hp.epochs)
+        if stop.any():
+            pos = torch.as_tensor(np.flatnonzero(stop), device=device)
+            ids = torch.as_tensor(active[stop], device=device)
+            keep = torch.as_tensor(np.flatnonzero(~stop), device=device)
+            for k, v in state.items():
+                last[k][ids] = v.detach()[pos]
+            for d in (state, adam_m, adam_v):  # drop the stopped runs from the ensemble
+                for k in d:
+                    d[k] = d[k].detach()[keep].contiguous()
+            active = active[~stop]
+        if len(active) == 0:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Ensemble({k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in curves.items()}, best_epoch, best, last,
+                    hp.depth, time.perf_counter() - started, str(device))
+
+
+def _adam_step(state, params, grads, exp_avg, exp_avg_sq, lr, step, weight_decay) -> None:
+    """torch.optim.Adam (L2 weight decay added to the gradient), with one learning rate per run: lr (A,) numpy."""
+    beta1, beta2 = ADAM_BETAS
+    bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+    same = bool((lr == lr[0]).all())
+    per_run = None if same else torch.as_tensor(lr / bias1, dtype=torch.float32, device=next(iter(params.values())).device)
+    for (key, param), grad in zip(params.items(), grads):
+        if weight_decay:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg[key].lerp_(grad, 1 - beta1)
+        exp_avg_sq[key].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq[key].sqrt() / bias2_sqrt).add_(ADAM_EPS)
+        if same:  # the usual case: one scalar step, the same arithmetic as torch's Adam
+            param.detach().addcdiv_(exp_avg[key], denom, value=-float(lr[0]) / bias1)
+        else:
+            param.detach().sub_(per_run.view(-1, *([1] * (param.dim() - 1))) * exp_avg[key] / denom)
+        state[key] = param.detach()
+
+
+# --- one configuration: train, measure, write ----------------------------------------------------------
+
+
+def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data) -> dict:
+    """What determines a configuration's results. Not in it: the run count, device, store path, force, quiet."""
+    layer_names = [f"{name}:{layer}" for name in setup.reps for layer in data.layers[name]]
+    return {
+        "train_version": TRAIN_VERSION,
+        "source_fingerprint": root.attrs["source"]["fingerprint"],
+        "reps": [{"name": n, "spec_hash": representations.get(n).spec_hash()} for n in setup.reps],
+        "layer_set": setup.layer_set,
+        "layers_hash": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()[:16],
+        "label": config.label,
+        "task": data.task,
+        "model": config.model,
+        "seed": config.seed,
+        **asdict(Hyper.of(config)),
+    }
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the sorted-key JSON of the configuration, first 16 hex digits."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_key(run: int) -> str:
+    return f"run-{run:03d}"
+
+
+def finished_runs(root: zarr.Group, digest: str) -> set[int]:
+    group = root.get(f"runs/{digest}")
+    if group is None:
+        return set()
+    return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
+
+
+def _final_metrics(ens: Ensemble, data: Data, tensors: dict, n_out: int) -> tuple[dict, dict, torch.Tensor]:
+    """Metrics of the best weights on every split, of the last weights on test; test outputs (R, n)."""
+    out = {}
+    result = {}
+    for split in SPLITS:
+        out[split] = evaluate(ens.best, tensors[split][0], ens.depth, n_out)
+        result[split] = _metrics(out[split], tensors[split][1], data, n_out)
+    last = {"test": _metrics(evaluate(ens.last, tensors["test"][0], ens.depth, n_out), tensors["test"][1], data, n_out)}
+    return result, last, out["test"]
+
+
+def _metrics(out: torch.Tensor, y: torch.Tensor, data: Data, n_out: int) -> dict:
+    if data.task == "classification":
+        return metrics.classification(y, out.argmax(-1), n_out)
+    mean, std = data.y_scale  # y is in original units; the outputs are standardised
+    return metrics.regression(y, out[..., 0] * std + mean)
+
+
+def _per_run(values: dict, r: int) -> dict:
+    return {k: float(v[r]) for k, v in values.items() if k != "confusion"}
+
+
+def _write_array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...], attrs: dict | None = None) -> None:
+    values = np.asarray(values)
+    array = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=values.dtype,
+                               dimension_names=dims, compressors=store.small_compressors(), attributes=attrs or {},
+                               overwrite=True)
+    array[...] = values
+
+
+def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
+               seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
+    """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
+    group = root.require_group(f"runs/{digest}")
+    group.attrs.update({
+        "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
+        "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
+        "feature_width": data.width, "layers": data.layers, "n": {s: int(len(data.index[s])) for s in SPLITS},
+    })
+    score_name = "accuracy" if data.task == "classification" else "r2"
+    if data.task == "classification":
+        predictions = test_out.argmax(-1).cpu().numpy().astype(np.int64)
+        truth = data.y["test"]
+    else:
+        mean, std = data.y_scale
+        predictions = (test_out[..., 0] * std + mean).cpu().numpy()
+        truth = data.y["test"]
+    for r, (run, seed) in enumerate(zip(runs, seeds)):
+        key = f"runs/{digest}/{run_key(run)}"
+        store.mark_incomplete(root, key)
+        g = root.require_group(key)
+        epochs = len(ens.curves["lr"][r])
+        _write_array(g, "epoch", np.arange(1, epochs + 1, dtype=np.int64), ("epoch",))
+        for name, values in ens.curves.items():
+            _write_array(g, name, values[r], ("epoch",), {"score": score_name} if "score" in name else None)
+        _write_array(g, "test_index", data.index["test"], ("test_model",), {"description": "position in labels/test"})
+        _write_array(g, "test_true", truth, ("test_model",))
+        _write_array(g, "test_pred", predictions[r], ("test_model",))
+        if data.task == "classification":
+            _write_array(g, "test_confusion", final["test"]["confusion"][r].cpu().numpy(), ("true_class", "pred_class"),
+                         {"classes": data.classes})
+        store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
+                            epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
+                            last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
+                            seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs))
+
+
+@dataclass
+class ConfigResult:
+    setup: Setup
+    config_hash: str
+    trained: list[int]
+    skipped: list[int]
+    seconds: float
+    test_score: float  # mean over the configuration's finished runs
+    score: str
+    width: int
+
+
+@dataclass
+class TrainSummary:
+    results: list[ConfigResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trained(self) -> int:
+        return sum(len(r.trained) for r in self.results)
+
+    @property
+    def skipped(self) -> int:
+        return sum(len(r.skipped) for r in self.results)
+
+
+def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str, cache: dict) -> ConfigResult:
+    """Train the runs of one configuration that are not finished yet (all of them with --force)."""
+    data = load_data(root, config.store, setup, config.label, cache)
+    conf = config_dict(root, config, setup, data)
+    digest = config_hash(conf)
+    done = set() if config.force else finished_runs(root, digest)
+    todo = [r for r in range(config.runs) if r not in done]
+    n_out = len(data.classes) if data.task == "classification" else 1
+    seconds = 0.0
+    if todo:
+        dtype = torch.int64 if data.task == "classification" else torch.float32
+        x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
+        y = {s: torch.as_tensor(data.y[s], dtype=dtype, device=device) for s in SPLITS}  # original units
+        if data.task == "regression":  # the loss sees standardised targets
+            y_fit = {s: (y[s] - data.y_scale[0]) / data.y_scale[1] for s in ("train", "val")}
+        else:
+            y_fit = y
+        seeds = [config.seed + r for r in todo]
+        ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, Hyper.of(config), data.task, n_out)
+        with torch.no_grad():
+            final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
+        write_runs(root, digest, conf, setup, data, ens, todo, seeds, final, last, test_out)
+        seconds = ens.seconds
+    score = "accuracy" if data.task == "classification" else "r2"
+    group = root[f"runs/{digest}"]
+    values = [group[run_key(r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
+    return ConfigResult(setup, digest, todo, sorted(done & set(range(config.runs))), seconds, float(np.mean(values)), score,
+                        data.width)
+
+
+def train(config: TrainConfig, on_result=None) -> TrainSummary:
+    """Run stage 3 over the grid; ``on_result(ConfigResult)`` is called after each configuration."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    root = store.open_root(config.store, mode="r")
+    check_splits(root, config.store)
+    setups = plan_grid(root, config)
+    for setup in setups:  # fail on bad input before training anything
+        for name in setup.reps:
+            check_fresh(root, config.store, name)
+    load_labels(root, config.store, config.label)
+    root = store.open_root(config.store, mode="r+")
+    summary = TrainSummary()
+    cache: dict = {}
+    for setup in setups:
+        for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
+            del cache[key]
+        result = train_setup(root, config, setup, device, cache)
+        summary.results.append(result)
+        if on_result:
+            on_result(result)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
