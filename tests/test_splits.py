@@ -1,0 +1,69 @@
+"""Split row indices: the original experiment's split remade exactly, or the source's own splits kept."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.splits import original_split, plan_splits
+
+
+def _by_datasets(n: int, test_size=0.3, val_test_size=0.67, seed=42) -> dict[str, np.ndarray]:
+    table = datasets.Dataset.from_dict({"i": np.arange(n), "x": np.arange(n) * 2.0})
+    first = table.train_test_split(test_size=test_size, seed=seed)
+    second = first["test"].train_test_split(test_size=val_test_size, seed=seed)
+    return {"train": np.asarray(first["train"]["i"]), "val": np.asarray(second["train"]["i"]), "test": np.asarray(second["test"]["i"])}
+
+
+@pytest.mark.parametrize("n", [11, 12, 40, 97, 1000])
+def test_original_split_equals_datasets(n):
+    made = original_split(n)
+    expected = _by_datasets(n)
+    assert list(made) == ["train", "val", "test"]
+    for name in expected:
+        assert made[name].dtype == np.int64
+        np.testing.assert_array_equal(made[name], expected[name])
+    every = np.concatenate(list(made.values()))
+    np.testing.assert_array_equal(np.sort(every), np.arange(n))  # a partition
+
+
+def test_original_split_options_are_passed():
+    made = original_split(50, test_size=0.5, val_test_size=0.2, seed=3)
+    for name, rows in _by_datasets(50, 0.5, 0.2, 3).items():
+        np.testing.assert_array_equal(made[name], rows)
+    assert not np.array_equal(made["train"], original_split(50)["train"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10])
+def test_ten_rows_or_fewer_use_every_row_everywhere(n):
+    made = original_split(n)
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(made[name], np.arange(n))
+    made["train"][0] = 99  # independent arrays
+    assert made["val"][0] == 0
+
+
+def test_plan_splits_single_source_split():
+    plans = plan_splits({"train": 40}, 0.3, 0.67, 42)
+    assert [(p.name, p.source_split) for p in plans] == [("train", "train"), ("val", "train"), ("test", "train")]
+    for p, (name, rows) in zip(plans, _by_datasets(40).items()):
+        np.testing.assert_array_equal(p.rows, rows)
+
+
+def test_plan_splits_keeps_source_splits_in_order():
+    plans = plan_splits({"test": 3, "extra": 2, "validation": 4, "train": 5}, 0.3, 0.67, 42)
+    assert [(p.name, p.source_split, p.rows.tolist()) for p in plans] == [
+        ("train", "train", [0, 1, 2, 3, 4]), ("val", "validation", [0, 1, 2, 3]), ("test", "test", [0, 1, 2]), ("extra", "extra", [0, 1]),
+    ]
+
+
+@pytest.mark.parametrize("sizes, fragment", [
+    ({}, "no splits"),
+    ({"train": 0}, "has no rows"),
+    ({"train": 5, "test": 0}, "'test' has no rows"),
+])
+def test_plan_splits_errors(sizes, fragment):
+    with pytest.raises(PipelineError, match=fragment):
+        plan_splits(sizes, 0.3, 0.67, 42)
