@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= stores/demo.zarr
+DEMO_RUNS ?= 2
+DEMO_LAYERS ?= all,visual
 
 .PHONY: setup demo test bench clean
 
@@ -13,9 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
+# synth (once) -> materialize -> every representation -> train (DEMO_RUNS runs x 14 reps x DEMO_LAYERS) -> report
 demo: setup
 	$(BIN)/pipeline materialize --store $(STORE)
-	$(BIN)/pipeline info --store $(STORE)
+	$(BIN)/pipeline features --store $(STORE) --rep all
+	$(BIN)/pipeline train --store $(STORE) --rep all --layers $(DEMO_LAYERS) --runs $(DEMO_RUNS) --quiet
+	$(BIN)/pipeline report --store $(STORE)
 
 test: setup
 	$(BIN)/python -m pytest -q

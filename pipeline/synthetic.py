@@ -44,8 +44,10 @@ BLOCKS = (
 PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 CROSS_DIM = 768  # text-encoder width: the input of attn2.to_k and attn2.to_v
 WORLD_SEED = 20240501  # fixes the class structure; --seed varies only the adapters
-SIGNAL = 3.0  # size of the class direction in B, in units of B's per-entry noise
-SCALE_SPREAD = 0.1  # log-normal spread of the class-and-module scale of B
+SYNTH_VERSION = 2  # bump when the generated numbers change; part of the built-in dataset's folder name
+SIGNAL = 1.5  # size of the class direction in B, in units of B's per-entry noise
+SCALE_SPREAD = 0.05  # log-normal spread of the class-and-module scale of B
+MODULE_JITTER = 0.1  # log-normal spread of each adapter's own per-module scale, which hides the class scale
 _BATCH = 256  # rows generated at once; fixed so the data do not depend on memory
 
 
@@ -96,13 +98,14 @@ def _batch(start: int, n: int, seed: int, rank: int, modules, scales, directions
     num_images = rng.integers(4, 17, n)
     strength = SIGNAL * np.sqrt(num_images / 10.0)  # more training images, a clearer concept
     global_scale = np.exp(0.2 * rng.standard_normal(n))  # adapter-wide scale that hides the class scale
+    jitter = np.exp(MODULE_JITTER * rng.standard_normal((n, len(modules))))  # and a per-module one
     columns = {}
     for m, module in enumerate(modules):
         down = rng.standard_normal((n, rank, module.in_features), dtype=np.float32) / rank
         noise = rng.standard_normal((n, module.out_features, rank), dtype=np.float32)
         mix = rng.standard_normal((n, 1, rank)).astype(np.float32)
         signal = directions[m][label][:, :, None] * mix * strength[:, None, None].astype(np.float32)
-        sigma = (1e-3 * scales[label, m] * global_scale).astype(np.float32)[:, None, None]
+        sigma = (1e-3 * scales[label, m] * global_scale * jitter[:, m]).astype(np.float32)[:, None, None]
         up = sigma * (noise + signal)
         columns[f"{module.name}.lora.down.weight"] = _matrix_column(down)
         columns[f"{module.name}.lora.up.weight"] = _matrix_column(up.astype(np.float32))
@@ -168,7 +171,7 @@ def builtin_dataset(home: str | Path | None = None, quiet: bool = False) -> Path
     import os
 
     home = Path(home or os.environ.get("PIPELINE_BUILTIN_HOME", "stores/builtin"))
-    path = home / "lora-synth-n{n}-r{rank}-qv-s{seed}".format(**BUILTIN)
+    path = home / "lora-synth-v{version}-n{n}-r{rank}-qv-s{seed}".format(version=SYNTH_VERSION, **BUILTIN)
     if not path.exists():
         if not quiet:
             print(f"generating the built-in dataset ({BUILTIN['n']} synthetic adapters) in {path}")

@@ -202,7 +202,7 @@ def test_same_seed_same_metrics(signal_store):
 
 def test_trains_without_raw_and_learns_the_signal(signal_store):
     assert not (signal_store / "raw").exists()
-    summary = train(TrainConfig(store=str(signal_store), reps="dw_norms", layers="all", hidden=64, epochs=20, patience=8,
+    summary = train(TrainConfig(store=str(signal_store), reps="dw_norms", layers="all", hidden=128, epochs=60, patience=15,
                                 runs=2, quiet=True))
     assert summary.results[0].test_score > 0.6  # chance is 0.1
 
