@@ -189,12 +189,16 @@ def report(store, out):
 
 @main.command()
 @store_option
-def info(store):
-    """Show what a store holds."""
-    from pipeline.info import describe
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def info(store, as_json):
+    """Show what a store holds: splits, layers, labels, representations, trained configurations, size."""
+    import json
+
+    from pipeline.info import describe, summary
     from pipeline.store import default_store
 
-    click.echo(describe(store or default_store()))
+    path = store or default_store()
+    click.echo(json.dumps(summary(path), indent=1) if as_json else describe(path))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from pipeline import representations, store as store_mod  # noqa: E402
 from pipeline.features import FeaturesConfig, compute_features, resolve_device  # noqa: E402
 from pipeline.layers import parse_lora_column  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
-from pipeline.synthetic import write_synthetic  # noqa: E402
+from pipeline.synthetic import SYNTH_VERSION, write_synthetic  # noqa: E402
 
 ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
                  "info_theoretic", "ensemble")
@@ -216,7 +216,7 @@ def main() -> None:
     print(f"machine: {_machine(device)}", flush=True)
 
     work = Path(args.work)
-    source = work / f"synth-n{args.n}"
+    source = work / f"synth-v{SYNTH_VERSION}-n{args.n}"
     if not source.exists():
         print(f"writing {args.n} synthetic adapters to {source} ...", flush=True)
         write_synthetic(source, args.n)
@@ -226,7 +226,7 @@ def main() -> None:
     warm_page_cache(source)
 
     print("(b) materialize + features (nine) into a fresh store ...", flush=True)
-    path = work / f"features-n{args.n}.zarr"
+    path = work / f"features-v{SYNTH_VERSION}-n{args.n}.zarr"
     shutil.rmtree(path, ignore_errors=True)
     started = time.perf_counter()
     materialize(MaterializeConfig(store=str(path), source=str(source), quiet=True))

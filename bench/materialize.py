@@ -6,7 +6,8 @@ On a synthetic dataset (rank 1, to_q/to_v: 128 layers, ~400 KB float32 per adapt
  (a) the original access: ds.with_format("torch"), then split[layer][:] for each layer of each split;
      timed on --layers layers and extrapolated linearly to all 128 (the output says so);
  (b) `pipeline materialize` into a fresh store, in a subprocess whose peak memory is sampled;
- (c) the bound for any reader: every weight column's Arrow buffers read to float32 numpy, nothing written.
+ (c) the bound for any reader: every weight column's Arrow buffers read to float32 numpy, nothing written;
+ (d) the bound for any writer: (c), then each split's rows gathered and written to plain .npy files (page cache, like (b): neither syncs).
 The page cache is warmed by one read first, so all three read from memory.
 """
 
@@ -16,9 +17,7 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,11 +26,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))
 
+from _measure import run_measured  # noqa: E402
 from cli import parse_size  # noqa: E402
 from pipeline.layers import parse_lora_column  # noqa: E402
 from pipeline.splits import original_split  # noqa: E402
-from pipeline.synthetic import write_synthetic  # noqa: E402
+from pipeline.synthetic import SYNTH_VERSION, write_synthetic  # noqa: E402
 
 
 def lora_columns(ds) -> list[str]:
@@ -68,34 +69,38 @@ def arrow_bound(path: Path) -> tuple[float, int]:
     return time.perf_counter() - start, nbytes
 
 
-def sample_memory(pid: int, peaks: dict, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        for key in ("RssAnon", "VmRSS"):
-            if key in fields:
-                peaks[key] = max(peaks.get(key, 0), int(fields[key].split()[0]) * 1024)
-        time.sleep(0.02)
+def copy_bound(path: Path, out: Path) -> tuple[float, int]:
+    """Seconds to read every weight column, gather each split's rows and write them to plain .npy files.
+
+    The same work as materialize (read, reorder rows into splits, write every byte once) without zarr,
+    chunking, checksums or a store: the bound for any materializer on this disk.
+    """
+    ds = datasets.load_from_disk(str(path))["train"]
+    split_rows = list(original_split(ds.num_rows).values())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    nbytes = 0
+    start = time.perf_counter()
+    for i, column in enumerate(lora_columns(ds)):
+        chunks = ds.data.column(column).chunks
+        first = chunks[0][0]
+        rows, cols = len(first), len(first[0])
+        values = np.concatenate([c.flatten().flatten().to_numpy(zero_copy_only=False) for c in chunks])
+        array = values.astype(np.float32, copy=False).reshape(-1, rows, cols)
+        for k, indices in enumerate(split_rows):
+            part = array[np.asarray(indices)]
+            np.save(out / f"{i}-{k}.npy", part)
+            nbytes += part.nbytes
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, nbytes
 
 
 def run_materialize(source: Path, store: Path, memory: str) -> tuple[float, dict]:
     shutil.rmtree(store, ignore_errors=True)
-    command = [sys.executable, str(ROOT / "cli.py"), "materialize", "--source", str(source), "--store", str(store),
-               "--memory", memory, "--quiet"]
-    peaks: dict = {}
-    stop = threading.Event()
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT)
-    sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop), daemon=True)
-    sampler.start()
-    code = process.wait()
-    seconds = time.perf_counter() - start
-    stop.set()
-    if code:
-        raise SystemExit(f"materialize failed with exit code {code}")
-    return seconds, peaks
+    measured = run_measured([sys.executable, str(ROOT / "cli.py"), "materialize", "--source", str(source), "--store",
+                             str(store), "--memory", memory, "--quiet"], ROOT)
+    return measured.seconds, measured.peak
 
 
 def main() -> None:
@@ -107,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work)
-    source = work / f"synth-n{args.n}"
+    source = work / f"synth-v{SYNTH_VERSION}-n{args.n}"
     if not source.exists():
         print(f"writing {args.n} synthetic adapters to {source} ...", flush=True)
         write_synthetic(source, args.n)
@@ -117,6 +122,7 @@ def main() -> None:
 
     arrow_bound(source)  # warm the page cache so every method reads from memory
     c_seconds, nbytes = arrow_bound(source)
+    d_seconds, d_bytes = copy_bound(source, work / f"copy-n{args.n}")
     b_seconds, peaks = run_materialize(source, work / f"bench-n{args.n}.zarr", args.memory)
     # Whole modules, evenly spaced: down (A) and up (B) columns cost very different amounts in (a).
     pairs = len(columns) // 2
@@ -136,7 +142,10 @@ def main() -> None:
           f"peak anonymous memory {peaks.get('RssAnon', 0) / 2**30:.2f} GiB, peak RSS incl. mapped dataset "
           f"{peaks.get('VmRSS', 0) / 2**30:.2f} GiB; budget {args.memory}")
     print(f"(c) Arrow buffers -> float32 numpy, nothing written: {c_seconds:.2f} s ({mb / c_seconds:.0f} MB/s)")
-    print(f"a/b = {a_seconds / b_seconds:.1f}x   b/c throughput = {(mb_b / b_seconds) / (mb / c_seconds) * 100:.0f}%")
+    print(f"(d) read + gather into splits + write plain .npy files, no zarr: {d_seconds:.2f} s "
+          f"({d_bytes / 1e6 / d_seconds:.0f} MB/s)")
+    print(f"a/b = {a_seconds / b_seconds:.1f}x   b/c throughput = {(mb_b / b_seconds) / (mb / c_seconds) * 100:.0f}%   "
+          f"b/d throughput = {(mb_b / b_seconds) / (d_bytes / 1e6 / d_seconds) * 100:.0f}%")
     budget = parse_size(args.memory)
     print(f"peak anonymous memory within budget + 1 GiB: {peaks.get('RssAnon', 0) <= budget + 2**30}")
 

@@ -106,11 +106,11 @@ def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp: 
 def ensure_store(n: int, reps: tuple[str, ...], home: Path) -> str:
     from pipeline.features import FeaturesConfig, compute_features
     from pipeline.materialize import MaterializeConfig, materialize
-    from pipeline.synthetic import write_synthetic
+    from pipeline.synthetic import SYNTH_VERSION, write_synthetic
 
     home.mkdir(parents=True, exist_ok=True)
-    source = home / f"synth-n{n}"
-    path = home / f"train-n{n}.zarr"
+    source = home / f"synth-v{SYNTH_VERSION}-n{n}"
+    path = home / f"train-v{SYNTH_VERSION}-n{n}.zarr"
     if not source.exists():
         print(f"writing {n} synthetic adapters to {source}", flush=True)
         write_synthetic(source, n)
@@ -122,6 +122,22 @@ def ensure_store(n: int, reps: tuple[str, ...], home: Path) -> str:
     if summary.tasks:
         print(f"computed features {', '.join(reps)} in {time.perf_counter() - started:.1f} s", flush=True)
     return str(path)
+
+
+def original_seconds_per_run(path: str | Path, reps, device: str = "cpu", seed: int = 42) -> dict[str, float]:
+    """Seconds of one original training run (seed ``seed``) per representation, every layer, on a store."""
+    config = TrainConfig(store=str(path), device=device, quiet=True)
+    hp, root = Hyper.of(config), store_mod.open_root(str(path))
+    seconds = {}
+    for rep in reps:
+        data = load_data(root, str(path), Setup((rep,), "all"), config.label)
+        tensors = [torch.from_numpy(data.x[s]) for s in ("train", "val", "test")]
+        labels = [torch.from_numpy(data.y[s]) for s in ("train", "val", "test")]
+        started = time.perf_counter()
+        original_run(tensors[0], labels[0], tensors[1], labels[1], tensors[2], labels[2], seed, hp, len(data.classes),
+                     device)
+        seconds[rep] = time.perf_counter() - started
+    return seconds
 
 
 def main() -> None:

@@ -1,36 +1,129 @@
-"""What a store holds, as text: source, splits, modules, labels and what is complete."""
+"""What a store holds: source, splits, layers, labels, each representation's state, each training
+configuration, and sizes. ``summary`` gives it as a JSON-ready dict (``pipeline info --json``),
+``describe`` as text. Read-only: it never writes to the store.
+"""
 
 from __future__ import annotations
 
-from . import store
+import math
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from . import representations, store
+from .features import rep_state
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _logical_bytes(group: zarr.Group) -> int:
+    """Bytes of every array below ``group`` as uncompressed values (strings count 0)."""
+    total = 0
+    for _, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array) and member.dtype.kind in "biuf":
+            total += math.prod(member.shape) * member.dtype.itemsize
+    return total
+
+
+def _representations(root: zarr.Group, attrs: dict, path: Path) -> dict:
+    """Per representation found in the store: its state and stamp per split, and its bytes."""
+    fingerprint = attrs["source"]["fingerprint"]
+    out: dict = {}
+    for split in attrs["splits"]:
+        try:
+            features = root[f"features/{split}"]
+        except KeyError:
+            continue
+        for name in sorted(k for k in features.array_keys() if k not in ("layer", "module")):
+            array = features[name]
+            a = array.attrs.asdict()
+            try:
+                state = rep_state(features, representations.get(name), fingerprint)
+            except Exception:  # a representation this version does not know (renamed, or from a newer version)
+                state = "unknown"
+            state = {"partial": "incomplete"}.get(state, state)
+            entry = out.setdefault(name, {"version": a.get("spec", {}).get("version"), "splits": {}, "bytes": 0})
+            entry["splits"][split] = {"state": state, "created_by": a.get("created_by"), "created_at": a.get("created_at")}
+            entry["bytes"] += sum(_disk_bytes(path / "features" / split / sub) for sub in (name, f"_progress/{name}"))
+    for entry in out.values():
+        states = {s["state"] for s in entry["splits"].values()}
+        entry["state"] = states.pop() if len(states) == 1 else "mixed: " + ", ".join(
+            f"{split} {s['state']}" for split, s in entry["splits"].items())
+    return out
+
+
+def _training(root: zarr.Group) -> list[dict]:
+    runs = root.get("runs")
+    out = []
+    for digest in sorted(runs.group_keys()) if runs is not None else []:
+        group = runs[digest]
+        a = group.attrs.asdict()
+        done = [group[k].attrs.asdict() for k in sorted(group.group_keys())
+                if k.startswith("run-") and group[k].attrs.get("complete")]
+        tests = [r["metrics"]["test"][r["score"]] for r in done]
+        out.append({"config_hash": digest, "reps": "+".join(a.get("reps", [])), "layer_set": a.get("layer_set"),
+                    "label": a.get("label"), "model": a.get("model"), "runs_done": len(done),
+                    "score": done[0]["score"] if done else None,
+                    "best_test": max(tests) if tests else None,
+                    "mean_test": float(np.mean(tests)) if tests else None})
+    return out
+
+
+def summary(path: str) -> dict:
+    root = store.open_root(path)
+    attrs = root.attrs.asdict()
+    modules, splits = attrs["modules"], attrs["splits"]
+    complete = sum(store.group_complete(root, f"raw/{split}/{m['key']}") for split in splits for m in modules)
+    disk = _disk_bytes(Path(path))
+    logical = _logical_bytes(root)
+    return {
+        "store": str(path),
+        "format": attrs["format"], "schema_version": attrs["schema_version"],
+        "source": attrs["source"],
+        "splits": {name: info["n"] for name, info in splits.items()},
+        "modules": len(modules), "layers": 2 * len(modules),
+        "ranks": sorted({m["rank"] for m in modules}),
+        "chunk_models": attrs["chunk_models"],
+        "raw_complete": f"{complete}/{len(splits) * len(modules)}",
+        "labels": {name: {"kind": info["kind"], **({"classes": info["classes"]} if "classes" in info else {})}
+                   for name, info in attrs["labels"].items()},
+        "representations": _representations(root, attrs, Path(path)),
+        "training": _training(root),
+        "bytes_on_disk": disk,
+        "bytes_uncompressed": logical,
+        "compression_ratio": logical / disk if disk else None,
+        "ignored_columns": attrs.get("ignored_columns", []),
+    }
 
 
 def describe(path: str) -> str:
-    root = store.open_root(path)
-    attrs = root.attrs.asdict()
-    source = attrs["source"]
-    splits = attrs["splits"]
-    modules = attrs["modules"]
+    s = summary(path)
+    source = s["source"]
     lines = [
-        f"store    {path}  (format {attrs['format']} v{attrs['schema_version']})",
+        f"store    {s['store']}  (format {s['format']} v{s['schema_version']})",
         f"source   {source['uri']}  [{source['kind']}, fingerprint {source['fingerprint'][:12]}]",
-        "splits   " + ", ".join(f"{name} {info['n']}" for name, info in splits.items()),
+        "splits   " + ", ".join(f"{name} {n}" for name, n in s["splits"].items()),
+        f"layers   {s['layers']} tensors in {s['modules']} modules, rank {'/'.join(map(str, s['ranks']))}, "
+        f"{s['chunk_models']} models per chunk",
+        f"complete {s['raw_complete']} (split, module) groups",
     ]
-    ranks = sorted({m["rank"] for m in modules})
-    raw_bytes = 0
-    done = 0
-    for split, info in splits.items():
-        for m in modules:
-            group = f"raw/{split}/{m['key']}"
-            if store.group_complete(root, group):
-                done += 1
-            raw_bytes += info["n"] * (m["rank"] * m["in"] + m["out"] * m["rank"]) * (2 if m["dtype"] == "float16" else 4)
-    lines.append(f"layers   {2 * len(modules)} tensors in {len(modules)} modules, rank {'/'.join(map(str, ranks))}, "
-                 f"{raw_bytes / 1e6:.0f} MB of weights, {attrs['chunk_models']} models per chunk")
-    lines.append(f"complete {done}/{len(splits) * len(modules)} (split, module) groups")
-    for name, info in attrs["labels"].items():
+    for name, info in s["labels"].items():
         extra = f" {len(info['classes'])} classes: {', '.join(info['classes'][:10])}" if "classes" in info else ""
         lines.append(f"label    {name} ({info['kind']}){extra}")
-    if attrs.get("ignored_columns"):
-        lines.append(f"ignored  {len(attrs['ignored_columns'])} non-LoRA column(s): {', '.join(attrs['ignored_columns'][:5])}")
+    if s["ignored_columns"]:
+        lines.append(f"ignored  {len(s['ignored_columns'])} non-LoRA column(s): {', '.join(s['ignored_columns'][:5])}")
+    for name, rep in s["representations"].items():
+        stamp = next(iter(rep["splits"].values()))
+        lines.append(f"feature  {name:15} v{rep['version']}  {rep['state']:10} {rep['bytes'] / 1e6:8.1f} MB  "
+                     f"by {stamp['created_by']} at {stamp['created_at']}")
+    for t in s["training"]:
+        best = f"best test {t['score']} {t['best_test']:.3f}, mean {t['mean_test']:.3f}" if t["runs_done"] else "no run done"
+        lines.append(f"trained  {t['reps']:15} [{t['layer_set']}] {t['label']} {t['model']}  "
+                     f"{t['runs_done']} runs  {best}  ({t['config_hash']})")
+    ratio = f", compression {s['compression_ratio']:.2f}x" if s["compression_ratio"] else ""
+    lines.append(f"size     {s['bytes_on_disk'] / 1e6:.0f} MB on disk, {s['bytes_uncompressed'] / 1e6:.0f} MB "
+                 f"uncompressed{ratio}")
     return "\n".join(lines)

@@ -107,10 +107,24 @@ def check_writable(path: str | Path) -> None:
         raise PipelineError(f"cannot write to {probe_dir} ({exc.strerror}); choose a writable --store") from None
 
 
+def check_schema(path: str | Path, version) -> None:
+    """Refuse a store this code cannot read: one written by a newer schema, or a malformed version."""
+    if not isinstance(version, int) or version < 1:
+        raise PipelineError(f"{path} has an invalid schema version {version!r}; it was not written by this pipeline "
+                            f"or is damaged: recreate it with `pipeline materialize --store {path} --overwrite`")
+    if version > SCHEMA_VERSION:
+        raise PipelineError(f"{path} was written by a newer pipeline (store schema {version}; this one reads up to "
+                            f"{SCHEMA_VERSION}): upgrade weightspace-pipeline to use it (nothing was changed)")
+
+
 def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
-    """An existing store of ours, read-only ("r") or for updating ("r+")."""
+    """An existing store of ours, read-only ("r") or for updating ("r+"), of a schema this code reads.
+
+    Schema 1 is the first; when a schema 2 comes, stores of schema 1 are migrated here, on open.
+    """
     if not is_ours(path):
         raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
+    check_schema(path, _root_attrs(Path(path)).get("schema_version"))
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 

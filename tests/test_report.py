@@ -84,5 +84,5 @@ def test_report_ignores_unfinished_runs(trained, tmp_path):
 def test_report_without_runs_is_one_line(tmp_path):
     store = tmp_path / "empty.zarr"
     root = zarr.open_group(str(store), mode="w")
-    root.attrs.put({"format": "weightspace-pipeline-store"})
+    root.attrs.put({"format": "weightspace-pipeline-store", "schema_version": 1})
     assert_one_line_error(run_cli("report", "--store", store), "no finished runs", "pipeline train")
