@@ -69,7 +69,7 @@ def _training(root: zarr.Group) -> list[dict]:
                     "score": done[0]["score"] if done else None,
                     "best_test": max(tests) if tests else None,
                     "mean_test": float(np.mean(tests)) if tests else None})
-    return out
+    return sorted(out, key=lambda t: (t["label"] or "", t["model"] or "", t["reps"], t["layer_set"] or ""))
 
 
 def summary(path: str) -> dict:
