@@ -38,22 +38,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))
+sys.path.insert(2, str(ROOT / "bench"))
 
+from _data import lora_columns, module_subset, synthetic_source  # noqa: E402
 import test_representations as oracle  # noqa: E402  (the per-sample numpy references)
 from pipeline import features as features_mod  # noqa: E402
 from pipeline import representations, store as store_mod  # noqa: E402
 from pipeline.features import FeaturesConfig, compute_features, resolve_device  # noqa: E402
-from pipeline.layers import parse_lora_column  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
-from pipeline.synthetic import SYNTH_VERSION, write_synthetic  # noqa: E402
+from pipeline.synthetic import SYNTH_VERSION  # noqa: E402
 
 ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
                  "info_theoretic", "ensemble")
 SD_SHAPES = ((1280, 1280), (768, 1280))  # (in, out) of dW: attn1 at width 1280, attn2.to_v 768 -> 1280
-
-
-def lora_columns(ds) -> list[str]:
-    return sorted(c for c in ds.column_names if parse_lora_column(c))
 
 
 def warm_page_cache(path: Path) -> int:
@@ -216,10 +213,7 @@ def main() -> None:
     print(f"machine: {_machine(device)}", flush=True)
 
     work = Path(args.work)
-    source = work / f"synth-v{SYNTH_VERSION}-n{args.n}"
-    if not source.exists():
-        print(f"writing {args.n} synthetic adapters to {source} ...", flush=True)
-        write_synthetic(source, args.n)
+    source = synthetic_source(work, args.n)
     ds = datasets.load_from_disk(str(source))["train"]
     columns = lora_columns(ds)
     nine = ",".join(ORIGINAL_REPS)
@@ -243,10 +237,7 @@ def main() -> None:
         seconds, counts = run_features(path, rep.name, device, force=True)
         singles[rep.name] = (rep.kind, seconds, counts["bytes"] / raw)
 
-    # Whole modules, evenly spaced: down (A) and up (B) columns, and 320/640/1280 blocks, cost differently.
-    pairs = len(columns) // 2
-    picked = np.linspace(0, pairs - 1, max(1, args.layers // 2)).round().astype(int)
-    subset = [columns[2 * i + k] for i in picked for k in (0, 1)]
+    subset = module_subset(columns, args.layers)
     print(f"(a) original loop on {len(subset)} layers ...", flush=True)
     a_subset = original_loop(source, subset)
     factor = len(columns) / len(subset)

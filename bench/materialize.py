@@ -28,15 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
+from _data import lora_columns, module_subset, synthetic_source  # noqa: E402
 from _measure import run_measured  # noqa: E402
 from cli import parse_size  # noqa: E402
-from pipeline.layers import parse_lora_column  # noqa: E402
 from pipeline.splits import original_split  # noqa: E402
-from pipeline.synthetic import SYNTH_VERSION, write_synthetic  # noqa: E402
-
-
-def lora_columns(ds) -> list[str]:
-    return sorted(c for c in ds.column_names if parse_lora_column(c))
 
 
 def original_access(path: Path, layers: list[str]) -> float:
@@ -54,17 +49,22 @@ def original_access(path: Path, layers: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def column_float32(ds, column: str) -> np.ndarray:
+    """One weight column's Arrow buffers as a (rows, out, in) float32 array: a zero-copy view when it can be."""
+    chunks = ds.data.column(column).chunks
+    first = chunks[0][0]
+    rows, cols = len(first), len(first[0])
+    values = np.concatenate([c.flatten().flatten().to_numpy(zero_copy_only=False) for c in chunks])
+    return values.astype(np.float32, copy=False).reshape(-1, rows, cols)
+
+
 def arrow_bound(path: Path) -> tuple[float, int]:
     """Seconds to read every weight column's Arrow buffers into float32 numpy (and bytes read)."""
     ds = datasets.load_from_disk(str(path))["train"]
     nbytes = 0
     start = time.perf_counter()
     for column in lora_columns(ds):
-        chunks = ds.data.column(column).chunks
-        first = chunks[0][0]
-        rows, cols = len(first), len(first[0])
-        values = np.concatenate([c.flatten().flatten().to_numpy(zero_copy_only=False) for c in chunks])
-        array = values.astype(np.float32, copy=False).reshape(-1, rows, cols)
+        array = column_float32(ds, column)
         nbytes += array.nbytes
     return time.perf_counter() - start, nbytes
 
@@ -82,11 +82,7 @@ def copy_bound(path: Path, out: Path) -> tuple[float, int]:
     nbytes = 0
     start = time.perf_counter()
     for i, column in enumerate(lora_columns(ds)):
-        chunks = ds.data.column(column).chunks
-        first = chunks[0][0]
-        rows, cols = len(first), len(first[0])
-        values = np.concatenate([c.flatten().flatten().to_numpy(zero_copy_only=False) for c in chunks])
-        array = values.astype(np.float32, copy=False).reshape(-1, rows, cols)
+        array = column_float32(ds, column)
         for k, indices in enumerate(split_rows):
             part = array[np.asarray(indices)]
             np.save(out / f"{i}-{k}.npy", part)
@@ -112,10 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work)
-    source = work / f"synth-v{SYNTH_VERSION}-n{args.n}"
-    if not source.exists():
-        print(f"writing {args.n} synthetic adapters to {source} ...", flush=True)
-        write_synthetic(source, args.n)
+    source = synthetic_source(work, args.n)
     ds = datasets.load_from_disk(str(source))["train"]
     columns = lora_columns(ds)
     n_split = sum(len(v) for v in original_split(ds.num_rows).values())
@@ -124,10 +117,7 @@ def main() -> None:
     c_seconds, nbytes = arrow_bound(source)
     d_seconds, d_bytes = copy_bound(source, work / f"copy-n{args.n}")
     b_seconds, peaks = run_materialize(source, work / f"bench-n{args.n}.zarr", args.memory)
-    # Whole modules, evenly spaced: down (A) and up (B) columns cost very different amounts in (a).
-    pairs = len(columns) // 2
-    picked = np.linspace(0, pairs - 1, max(1, args.layers // 2)).round().astype(int)
-    subset = [columns[2 * i + k] for i in picked for k in (0, 1)]
+    subset = module_subset(columns, args.layers)
     a_subset = original_access(source, subset)
     a_seconds = a_subset * len(columns) / len(subset)
 

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
+from _data import lora_columns, module_subset  # noqa: E402
 from _measure import run_measured  # noqa: E402
 
 from cli import parse_size  # noqa: E402
@@ -91,16 +92,13 @@ def measure_size(n: int, args, work: Path) -> dict:
 def measure_original(source: Path, store: Path, n: int, args) -> dict:
     """The original approach at this size: extraction per representation (extrapolated) and training."""
     import datasets
-    import numpy as np
 
     import features as features_bench
     import train as train_bench
 
     print(f"[{n}] original extraction, {args.layers} layers x 9 representations ...", flush=True)
-    columns = features_bench.lora_columns(datasets.load_from_disk(str(source))["train"])
-    pairs = len(columns) // 2
-    picked = np.linspace(0, pairs - 1, max(1, args.layers // 2)).round().astype(int)
-    subset = [columns[2 * i + k] for i in picked for k in (0, 1)]
+    columns = lora_columns(datasets.load_from_disk(str(source))["train"])
+    subset = module_subset(columns, args.layers)
     per_rep = features_bench.original_loop(source, subset)
     factor = len(columns) / len(subset)
     extraction = {rep: (access + compute) * factor for rep, (access, compute) in per_rep.items()}

@@ -106,14 +106,12 @@ def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp: 
 def ensure_store(n: int, reps: tuple[str, ...], home: Path) -> str:
     from pipeline.features import FeaturesConfig, compute_features
     from pipeline.materialize import MaterializeConfig, materialize
-    from pipeline.synthetic import SYNTH_VERSION, write_synthetic
+    from _data import synthetic_source
+    from pipeline.synthetic import SYNTH_VERSION
 
     home.mkdir(parents=True, exist_ok=True)
-    source = home / f"synth-v{SYNTH_VERSION}-n{n}"
+    source = synthetic_source(home, n)
     path = home / f"train-v{SYNTH_VERSION}-n{n}.zarr"
-    if not source.exists():
-        print(f"writing {n} synthetic adapters to {source}", flush=True)
-        write_synthetic(source, n)
     if not store_mod.is_ours(path):
         print(f"materializing {path}", flush=True)
     materialize(MaterializeConfig(store=str(path), source=str(source), quiet=True))  # skips what is complete

@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 
 from . import representations, store
+from .errors import PipelineError
 from .features import rep_state
 
 
@@ -42,7 +43,7 @@ def _representations(root: zarr.Group, attrs: dict, path: Path) -> dict:
             a = array.attrs.asdict()
             try:
                 state = rep_state(features, representations.get(name), fingerprint)
-            except Exception:  # a representation this version does not know (renamed, or from a newer version)
+            except PipelineError:  # a representation this version does not know (renamed, or from a newer version)
                 state = "unknown"
             state = {"partial": "incomplete"}.get(state, state)
             entry = out.setdefault(name, {"version": a.get("spec", {}).get("version"), "splits": {}, "bytes": 0})

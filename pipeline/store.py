@@ -122,9 +122,10 @@ def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
 
     Schema 1 is the first; when a schema 2 comes, stores of schema 1 are migrated here, on open.
     """
-    if not is_ours(path):
+    attrs = _root_attrs(Path(path))
+    if not attrs or attrs.get("format") != FORMAT:
         raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
-    check_schema(path, _root_attrs(Path(path)).get("schema_version"))
+    check_schema(path, attrs.get("schema_version"))
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 
