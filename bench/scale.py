@@ -77,7 +77,7 @@ def measure_size(n: int, args, work: Path) -> dict:
     stages["train"] = run_measured(cli("train", "--store", str(store), "--rep", args.train_reps, "--layers", "all",
                                        "--runs", str(args.runs), "--quiet"), ROOT)
     startup = run_measured(cli("features", "--list"), ROOT, capture=True).io.get("rchar", 0)
-    row = {"n": n, "raw_bytes": raw, "startup_rchar": startup, "features_bytes": features_bytes, "source_bytes": dir_bytes(source),
+    row = {"n": n, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "raw_bytes": raw, "startup_rchar": startup, "features_bytes": features_bytes, "source_bytes": dir_bytes(source),
            "train_configs": len(args.train_reps.split(",")), "runs": args.runs,
            "stages": {name: None if m is None else {"seconds": m.seconds, "peak": m.peak, "io": m.io}
                       for name, m in stages.items()}}
@@ -196,10 +196,12 @@ def plot(rows: list[dict], out: Path) -> None:
         mem = [m["peak"].get("RssAnon", 0) / 2**30 for _, m in pts]
         line = axes[0].plot(x, t, "o-", label=stage)[0]
         axes[0].plot(x, [t[0] * n / x[0] for n in x], ":", color=line.get_color(), alpha=0.6)
-        axes[1].plot(x, mem, "o-", label=stage)
+        axes[1].plot(x, mem, "o-", color=line.get_color(), label=f"{stage} (anon)")
+        axes[1].plot(x, [m["peak"].get("VmRSS", 0) / 2**30 for _, m in pts], "--", color=line.get_color(), alpha=0.5)
     axes[0].set(xscale="log", yscale="log", xlabel="adapters", ylabel="wall time (s)",
                 title="time per stage (dotted: linear from the smallest)")
-    axes[1].set(xscale="log", xlabel="adapters", ylabel="peak RssAnon (GiB)", title="peak memory per stage")
+    axes[1].set(xscale="log", xlabel="adapters", ylabel="peak RSS (GiB)",
+                title="peak memory per stage (solid: RssAnon; dashed: VmRSS)")
     for ax in axes:
         ax.set_xticks(ns, [f"{n:,}" for n in ns])
         ax.legend()
@@ -220,6 +222,8 @@ def main() -> None:
     parser.add_argument("--bound", default="4GiB", help="peak anonymous memory every stage must stay under")
     parser.add_argument("--work", default=str(ROOT / "stores" / "scale"))
     parser.add_argument("--keep", action="store_true", help="keep each size's dataset and store")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of bench/results/scale.json for sizes not measured now (each row keeps its date)")
     parser.add_argument("--plot-only", action="store_true", help="redraw docs/scale.png from bench/results/scale.json")
     args = parser.parse_args()
     args.original_sizes = {int(s) for s in args.original_sizes.split(",") if s}
@@ -232,9 +236,11 @@ def main() -> None:
               f"{time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for n in sorted(int(s) for s in args.sizes.split(",")):
+        sizes = sorted(int(s) for s in args.sizes.split(","))
+        rows = [r for r in json.loads(results.read_text())["rows"] if r["n"] not in sizes] if args.merge and results.exists() else []
+        for n in sizes:
             rows.append(measure_size(n, args, work))
+            rows.sort(key=lambda r: r["n"])
             results.parent.mkdir(exist_ok=True)
             results.write_text(json.dumps({"command": sys.argv, "machine": platform.platform(),
                                            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),

@@ -139,3 +139,23 @@ def gather(column: pa.ChunkedArray, spec: MatrixColumn, ranks: np.ndarray, rows:
             out[hit] = view[rows[hit] - start]
         start = stop
     return out
+
+
+def mapped_table(dataset) -> pa.Table:
+    """The dataset's Arrow table, memory-mapped afresh from its files when it has them.
+
+    Pages of a memory map stay in the process's resident set until the map is closed, so reading
+    every module of a 20 GB source through one long-lived map grows RSS with the source's size.
+    A table opened per module and dropped after it is unmapped with it, keeping RSS flat in N.
+    Datasets held in memory, or seen through an indices mapping, are returned as they are.
+    """
+    files = [entry["filename"] for entry in dataset.cache_files]
+    if not files or getattr(dataset, "_indices", None) is not None:
+        return dataset.data
+    from datasets.table import MemoryMappedTable
+
+    tables = [MemoryMappedTable.from_file(name).table for name in files]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if table.num_rows != dataset.data.num_rows or table.schema.names != dataset.data.schema.names:
+        return dataset.data  # the files are not the table as a whole (e.g. columns were added in memory)
+    return table

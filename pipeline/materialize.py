@@ -273,7 +273,7 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
     """Copy one module of one split into its preallocated arrays; returns bytes written."""
     path = f"raw/{split.name}/{mp.module.key}"
     n = len(split.rows)
-    table = source.splits[split.source_split].data
+    table = arrowio.mapped_table(source.splits[split.source_split])  # unmapped on return: RSS stays flat
     dims = {"A": ("model", "rank", "in"), "B": ("model", "out", "rank")}
     written = 0
     for role, column, spec in (("A", mp.module.down, mp.down), ("B", mp.module.up, mp.up)):

@@ -7,8 +7,9 @@ DatasetDict with a single ``train`` split. The class signal is described in docs
 
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -129,7 +130,12 @@ def features_for(modules: list[SynthModule]) -> datasets.Features:
 
 
 def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=("q", "v"), seed: int = 0, progress=None) -> Path:
-    """Write ``n`` synthetic adapters to ``out`` (a save_to_disk DatasetDict), in bounded memory."""
+    """Write ``n`` synthetic adapters to ``out`` (a save_to_disk DatasetDict), in bounded memory.
+
+    The shards are written straight into the ``save_to_disk`` layout (``train/data-XXXXX-of-YYYYY.arrow``
+    plus its JSON), so every byte is written once: going through one big Arrow file and
+    ``save_to_disk`` wrote the data twice and needed twice its size on disk.
+    """
     if n < 1 or rank < 1:
         raise PipelineError("--n and --rank must be at least 1")
     out = Path(out)
@@ -140,27 +146,44 @@ def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=(
     features = features_for(modules)
     work = out.parent / f".{out.name}.partial"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    split_dir = work / "train"
+    split_dir.mkdir(parents=True)
     try:
-        arrow_file = work / "generated.arrow"
-        with ArrowWriter(features=features, path=str(arrow_file)) as writer:
-            for start in range(0, n, _BATCH):
-                writer.write_table(_batch(start, min(_BATCH, n - start), seed, rank, modules, scales, directions))
-                if progress:
-                    progress(min(_BATCH, n - start))
-            writer.finalize()
-        table = datasets.Dataset.from_file(str(arrow_file))
-        bars_were_on = not datasets.utils.are_progress_bars_disabled()
-        datasets.utils.disable_progress_bars()  # our own bar already showed the generation
-        try:
-            datasets.DatasetDict({"train": table}).save_to_disk(str(work / "dataset"))
-        finally:
-            if bars_were_on:
-                datasets.utils.enable_progress_bars()
-        (work / "dataset").rename(out)
+        starts = list(range(0, n, _BATCH))
+        per_shard = max(1, _SHARD_BYTES // (_BATCH * _row_bytes(modules, rank)))  # batches per shard
+        shards = [starts[i:i + per_shard] for i in range(0, len(starts), per_shard)]
+        names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+        for name, batch_starts in zip(names, shards):
+            with ArrowWriter(features=features, path=str(split_dir / name)) as writer:
+                for start in batch_starts:
+                    writer.write_table(_batch(start, min(_BATCH, n - start), seed, rank, modules, scales, directions))
+                    if progress:
+                        progress(min(_BATCH, n - start))
+                writer.finalize()
+        _write_split_json(split_dir, names, features, fingerprint=f"synth-v{SYNTH_VERSION}-n{n}-r{rank}-{''.join(projections)}-s{seed}")
+        (work / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+        work.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+_SHARD_BYTES = 500 * 2**20  # save_to_disk's default shard size
+
+
+def _row_bytes(modules: list[SynthModule], rank: int) -> int:
+    """Bytes of one adapter's matrices as float32 (the bulk of a row)."""
+    return 4 * rank * sum(m.in_features + m.out_features for m in modules)
+
+
+def _write_split_json(split_dir: Path, data_files: list[str], features: datasets.Features, fingerprint: str) -> None:
+    """The two JSON files ``Dataset.save_to_disk`` writes beside its shards, with the same keys."""
+    state = {"_data_files": [{"filename": name} for name in data_files], "_fingerprint": fingerprint,
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(datasets.DatasetInfo(features=features))
+    (split_dir / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
 
 
 BUILTIN = {"n": 1000, "rank": 1, "projections": ("q", "v"), "seed": 0}
