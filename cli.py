@@ -88,11 +88,16 @@ def materialize(store, source, labels_csv, layers, labels, split_seed, test_size
         layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
         memory=parse_size(memory), chunk_mb=chunk_mb, codec=codec, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
     )
-    summary = run(config, progress=progress.factory("materialize", quiet))
+    summary = run(config, progress=progress.factory("materialize", quiet),
+                  on_wait=None if quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
     if not quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "
                    f"already complete; {summary.bytes_written / 1e6:.0f} MB in {summary.seconds:.1f} s ({rate:.0f} MB/s)")
+
+
+def _say_waiting(what: str, holder) -> None:
+    click.echo(f"{what} is {holder.describe()}; waiting for it (Ctrl-C stops this command, nothing is lost)", err=True)
 
 
 @main.command()
@@ -118,7 +123,8 @@ def features(store, reps, splits, device, workers, scheduler, force, list_reps, 
         return
     config = FeaturesConfig(store=store or default_store(), reps=reps, splits=splits, device=device, workers=workers,
                             scheduler=scheduler, force=force, quiet=quiet)
-    summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"))
+    summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"),
+                               on_wait=None if quiet else lambda split, rep, holder: _say_waiting(f"{rep} on {split}", holder))
     if not quiet:
         for split in sorted(set(summary.computed) | set(summary.up_to_date)):
             done = ", ".join(summary.computed.get(split, [])) or "-"
@@ -168,7 +174,7 @@ def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, 
             click.echo(f"{result.setup.name:40} {result.config_hash}  width {result.width:6}  {done}{skipped}  "
                        f"test {result.score} {result.test_score:.3f}")
 
-    summary = run(config, on_result=echo)
+    summary = run(config, on_result=echo, on_wait=None if quiet else _say_waiting)
     if not quiet:
         click.echo(f"{len(summary.results)} configurations: {summary.trained} runs trained, {summary.skipped} skipped, "
                    f"{summary.seconds:.1f} s")
@@ -199,6 +205,35 @@ def info(store, as_json):
 
     path = store or default_store()
     click.echo(json.dumps(summary(path), indent=1) if as_json else describe(path))
+
+
+@main.command()
+@store_option
+@click.option("--repair", is_flag=True, help="Mark the damaged pieces for recomputation and print the commands that redo them.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(store, repair, quiet):
+    """Read every chunk, check every checksum and completion mark; name each damaged piece and its repair."""
+    from pipeline import progress
+    from pipeline.store import default_store
+    from pipeline.verify import repair as mark_for_repair, verify as check
+
+    path = store or default_store()
+    report = check(path, progress=progress.factory("verify", quiet, unit="chunk"))
+    for problem in report.problems:
+        click.echo(problem.line())
+    checked = f"{report.arrays} arrays, {report.chunks} chunks, {report.bytes / 1e6:.0f} MB read"
+    if not report.problems:
+        click.echo(f"{path}: every checksum and completion mark agrees ({checked})")
+        return
+    click.echo(f"{path}: {len(report.problems)} problem(s) ({checked})")
+    if repair:
+        commands = mark_for_repair(path, report.problems)
+        click.echo("marked the damaged pieces for recomputation; now run, in this order:")
+        for command in commands:
+            click.echo(f"  {command}")
+    else:
+        click.echo(f"run `pipeline verify --store {path} --repair`, then the repair commands above")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zarr
+from zarr.errors import ContainsArrayError
 
-from . import __version__, representations, store
+from . import __version__, leases, representations, store
 from .errors import PipelineError
 
 
@@ -192,14 +193,19 @@ def _allocate(features: zarr.Group, rep, n: int, chunk: int, n_chunks: int, axis
         attributes={**_stamp(rep, fingerprint), "complete": False}, overwrite=True,
     )
     features.create_array(f"_progress/{rep.name}", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                          dimension_names=("chunk",), overwrite=True)
+                          dimension_names=("chunk",), compressors=store.small_compressors(), overwrite=True)
 
 
 def _write_coordinates(root: zarr.Group, split: str, attrs: dict) -> zarr.Group:
     features = root.require_group(f"features/{split}")
     for name, values in (("layer", [layer["name"] for layer in attrs["layers"]]), ("module", [m["name"] for m in attrs["modules"]])):
         if name not in features:
-            features.create_array(name, shape=(len(values),), dtype=str, dimension_names=(name,))[:] = np.array(values)
+            try:
+                array = features.create_array(name, shape=(len(values),), dtype=str, dimension_names=(name,),
+                                              compressors=store.small_compressors())
+            except ContainsArrayError:  # another process made it a moment ago; it writes the same values
+                continue
+            array[:] = np.array(values)
     return features
 
 
@@ -211,8 +217,21 @@ class FeaturesSummary:
     seconds: float
 
 
-def plan_tasks(config: FeaturesConfig, device: str) -> tuple[list[Task], dict, dict]:
-    """Allocate what must be computed and return the tasks, plus which reps are computed / up to date."""
+@dataclass
+class Plan:
+    tasks: list[Task]
+    computed: dict[str, list[str]]  # split -> reps this process computes (it holds their leases)
+    fresh: dict[str, list[str]]  # split -> reps already up to date
+    held: list  # the leases.Lease of every computed (split, rep)
+    deferred: dict[tuple[str, str], leases.Holder]  # (split, rep) someone else is computing -> who
+
+
+def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] | None = None) -> Plan:
+    """Take the lease of every (split, rep) to compute, allocate what is stale, and return the tasks.
+
+    A (split, rep) whose lease someone else holds is deferred, not touched; ``only`` limits the plan
+    to the given (split, rep) pairs (the deferred ones, once their holders are done).
+    """
     root = store.open_root(config.store, mode="r+")
     attrs = root.attrs.asdict()
     reps = representations.resolve(config.reps)
@@ -220,7 +239,18 @@ def plan_tasks(config: FeaturesConfig, device: str) -> tuple[list[Task], dict, d
     _check_materialized(root, config.store, attrs, splits)
     fingerprint = attrs["source"]["fingerprint"]
     modules = tuple(_modules(attrs))
-    tasks, computed, fresh = [], {}, {}
+    plan = Plan([], {}, {}, [], {})
+    try:
+        _fill_plan(plan, config, root, attrs, reps, splits, modules, fingerprint, device, only)
+    except BaseException:
+        for lease in plan.held:
+            lease.release()
+        raise
+    return plan
+
+
+def _fill_plan(plan: Plan, config: FeaturesConfig, root, attrs: dict, reps, splits, modules, fingerprint: str, device: str,
+               only) -> None:
     for split in splits:
         n = attrs["splits"][split]["n"]
         chunk = root[f"raw/{split}/{modules[0].key}/A"].chunks[0]
@@ -228,11 +258,22 @@ def plan_tasks(config: FeaturesConfig, device: str) -> tuple[list[Task], dict, d
         features = _write_coordinates(root, split, attrs)
         todo: dict[int, list[str]] = {}
         for rep in reps:
-            state = "stale" if config.force else rep_state(features, rep, fingerprint)
-            if state == "fresh":
-                fresh.setdefault(split, []).append(rep.name)
+            if only is not None and (split, rep.name) not in only:
                 continue
-            computed.setdefault(split, []).append(rep.name)
+            if not config.force and rep_state(features, rep, fingerprint) == "fresh":
+                plan.fresh.setdefault(split, []).append(rep.name)
+                continue
+            lease = leases.Lease(root.store, f"features/{split}/{rep.name}")
+            if not lease.acquire():
+                plan.deferred[(split, rep.name)] = lease.holder
+                continue
+            state = "stale" if config.force else rep_state(features, rep, fingerprint)  # again: it may have just finished
+            if state == "fresh":
+                lease.release()
+                plan.fresh.setdefault(split, []).append(rep.name)
+                continue
+            plan.held.append(lease)
+            plan.computed.setdefault(split, []).append(rep.name)
             if state == "stale":
                 axis, axis_len = ("layer", len(attrs["layers"])) if rep.kind == "tensor" else ("module", len(modules))
                 _allocate(features, rep, n, chunk, n_chunks, axis, axis_len, fingerprint)
@@ -242,9 +283,8 @@ def plan_tasks(config: FeaturesConfig, device: str) -> tuple[list[Task], dict, d
             for c in np.flatnonzero(done == 0):
                 todo.setdefault(int(c), []).append(rep.name)
         for c, names in sorted(todo.items()):
-            tasks.append(Task(config.store, split, c, c * chunk, min(n, (c + 1) * chunk), modules, len(attrs["layers"]),
-                              tuple(names), device))
-    return tasks, computed, fresh
+            plan.tasks.append(Task(config.store, split, c, c * chunk, min(n, (c + 1) * chunk), modules, len(attrs["layers"]),
+                                   tuple(names), device))
 
 
 def _finish(config: FeaturesConfig, computed: dict) -> None:
@@ -253,8 +293,8 @@ def _finish(config: FeaturesConfig, computed: dict) -> None:
         features = root[f"features/{split}"]
         for name in names:
             if features[f"_progress/{name}"][:].all():
-                features[name].attrs.update({"complete": True, "created_by": store.provenance()["by"],
-                                             "created_at": store.provenance()["at"]})
+                store.update_attrs(features[name], {"complete": True, "created_by": store.provenance()["by"],
+                                                     "created_at": store.provenance()["at"]})
 
 
 def _client(config: FeaturesConfig):
@@ -273,31 +313,59 @@ def _client(config: FeaturesConfig):
     return Client(cluster), cluster
 
 
-def compute_features(config: FeaturesConfig, progress=None) -> FeaturesSummary:
-    """Run stage 2; see the module docstring."""
+def _run_tasks(config: FeaturesConfig, tasks: list[Task], progress) -> None:
+    from dask.distributed import as_completed
+
+    client, cluster = _client(config)
+    threads = torch.get_num_threads()
+    if cluster is not None and not config.workers:
+        torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them
+    bar = progress(total_layers=len(tasks), total_bytes=0) if progress else None  # one step per model chunk
+    try:
+        futures = client.map(run_task, tasks, pure=False)
+        for future in as_completed(futures):
+            nbytes, _ = future.result()
+            if bar:
+                bar.update(layers=1, nbytes=nbytes)
+    finally:
+        if bar:
+            bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        torch.set_num_threads(threads)
+
+
+def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> FeaturesSummary:
+    """Run stage 2; see the module docstring.
+
+    What someone else is computing in this store right now is waited for, after everything else
+    is done, and then taken over where they left it if they did not finish. ``on_wait(split, rep,
+    holder)`` is called when a wait starts.
+    """
     started = time.perf_counter()
     device = resolve_device(config.device)
-    tasks, computed, fresh = plan_tasks(config, device)
-    if tasks:
-        from dask.distributed import as_completed
-
-        client, cluster = _client(config)
-        threads = torch.get_num_threads()
-        if cluster is not None and not config.workers:
-            torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them
-        bar = progress(total_layers=len(tasks), total_bytes=0) if progress else None  # one step per model chunk
+    computed: dict[str, list[str]] = {}
+    fresh: dict[str, list[str]] = {}
+    n_tasks, only = 0, None
+    while True:
+        plan = plan_tasks(config, device, only)
         try:
-            futures = client.map(run_task, tasks, pure=False)
-            for future in as_completed(futures):
-                nbytes, _ = future.result()
-                if bar:
-                    bar.update(layers=1, nbytes=nbytes)
+            if plan.tasks:
+                _run_tasks(config, plan.tasks, progress)
+            _finish(config, plan.computed)
         finally:
-            if bar:
-                bar.close()
-            client.close()
-            if cluster is not None:
-                cluster.close()
-            torch.set_num_threads(threads)
-    _finish(config, computed)
-    return FeaturesSummary(computed, fresh, len(tasks), time.perf_counter() - started)
+            for lease in plan.held:
+                lease.release()
+        n_tasks += len(plan.tasks)
+        for target, part in ((computed, plan.computed), (fresh, plan.fresh)):
+            for split, names in part.items():
+                target.setdefault(split, []).extend(names)
+        if not plan.deferred:
+            break
+        root = store.open_root(config.store, mode="r")
+        for (split, name), holder in plan.deferred.items():
+            leases.wait_for(root.store, f"features/{split}/{name}",
+                            on_wait=(lambda h, s=split, r=name: on_wait(s, r, h)) if on_wait else None)
+        only = set(plan.deferred)
+    return FeaturesSummary(computed, fresh, n_tasks, time.perf_counter() - started)

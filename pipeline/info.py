@@ -6,12 +6,13 @@ configuration, and sizes. ``summary`` gives it as a JSON-ready dict (``pipeline 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from . import representations, store
+from . import leases, representations, store
 from .errors import PipelineError
 from .features import rep_state
 
@@ -20,16 +21,18 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _logical_bytes(group: zarr.Group) -> int:
-    """Bytes of every array below ``group`` as uncompressed values (strings count 0)."""
+def _logical_bytes(root: zarr.Group) -> int:
+    """Bytes of every array in the store as uncompressed values (strings count 0)."""
     total = 0
-    for _, member in group.members(max_depth=None):
-        if isinstance(member, zarr.Array) and member.dtype.kind in "biuf":
-            total += math.prod(member.shape) * member.dtype.itemsize
+    for name in ("raw", "labels", "features", "runs"):  # not _leases: plain JSON files, no zarr nodes
+        group = root.get(name)
+        for _, member in group.members(max_depth=None) if group is not None else ():
+            if isinstance(member, zarr.Array) and member.dtype.kind in "biuf":
+                total += math.prod(member.shape) * member.dtype.itemsize
     return total
 
 
-def _representations(root: zarr.Group, attrs: dict, path: Path) -> dict:
+def _representations(root: zarr.Group, attrs: dict, path: Path, busy: dict) -> dict:
     """Per representation found in the store: its state and stamp per split, and its bytes."""
     fingerprint = attrs["source"]["fingerprint"]
     out: dict = {}
@@ -46,8 +49,13 @@ def _representations(root: zarr.Group, attrs: dict, path: Path) -> dict:
             except PipelineError:  # a representation this version does not know (renamed, or from a newer version)
                 state = "unknown"
             state = {"partial": "incomplete"}.get(state, state)
+            holder = busy.get(f"features/{split}/{name}")
+            if holder is not None:
+                state = "being computed"
             entry = out.setdefault(name, {"version": a.get("spec", {}).get("version"), "splits": {}, "bytes": 0})
             entry["splits"][split] = {"state": state, "created_by": a.get("created_by"), "created_at": a.get("created_at")}
+            if holder is not None:
+                entry["splits"][split]["being_computed"] = _holder(holder)
             entry["bytes"] += sum(_disk_bytes(path / "features" / split / sub) for sub in (name, f"_progress/{name}"))
     for entry in out.values():
         states = {s["state"] for s in entry["splits"].values()}
@@ -56,7 +64,12 @@ def _representations(root: zarr.Group, attrs: dict, path: Path) -> dict:
     return out
 
 
-def _training(root: zarr.Group) -> list[dict]:
+def _holder(h) -> dict:
+    return {"by": h.by, "pid": h.pid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.since)),
+            "lease_expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.expires))}
+
+
+def _training(root: zarr.Group, busy: dict) -> list[dict]:
     runs = root.get("runs")
     out = []
     for digest in sorted(runs.group_keys()) if runs is not None else []:
@@ -69,7 +82,8 @@ def _training(root: zarr.Group) -> list[dict]:
                     "label": a.get("label"), "model": a.get("model"), "runs_done": len(done),
                     "score": done[0]["score"] if done else None,
                     "best_test": max(tests) if tests else None,
-                    "mean_test": float(np.mean(tests)) if tests else None})
+                    "mean_test": float(np.mean(tests)) if tests else None,
+                    "being_trained": _holder(busy[f"train/{digest}"]) if f"train/{digest}" in busy else None})
     return sorted(out, key=lambda t: (t["label"] or "", t["model"] or "", t["reps"], t["layer_set"] or ""))
 
 
@@ -80,6 +94,7 @@ def summary(path: str) -> dict:
     complete = sum(store.group_complete(root, f"raw/{split}/{m['key']}") for split in splits for m in modules)
     disk = _disk_bytes(Path(path))
     logical = _logical_bytes(root)
+    busy = leases.active_holders(root.store)
     return {
         "store": str(path),
         "format": attrs["format"], "schema_version": attrs["schema_version"],
@@ -91,8 +106,9 @@ def summary(path: str) -> dict:
         "raw_complete": f"{complete}/{len(splits) * len(modules)}",
         "labels": {name: {"kind": info["kind"], **({"classes": info["classes"]} if "classes" in info else {})}
                    for name, info in attrs["labels"].items()},
-        "representations": _representations(root, attrs, Path(path)),
-        "training": _training(root),
+        "being_materialized": _holder(busy["materialize"]) if "materialize" in busy else None,
+        "representations": _representations(root, attrs, Path(path), busy),
+        "training": _training(root, busy),
         "bytes_on_disk": disk,
         "bytes_uncompressed": logical,
         "compression_ratio": logical / disk if disk else None,
@@ -111,6 +127,8 @@ def describe(path: str) -> str:
         f"{s['chunk_models']} models per chunk",
         f"complete {s['raw_complete']} (split, module) groups",
     ]
+    if s["being_materialized"]:
+        lines.append(f"busy     being materialized by {s['being_materialized']['by']} since {s['being_materialized']['since']}")
     for name, info in s["labels"].items():
         extra = f" {len(info['classes'])} classes: {', '.join(info['classes'][:10])}" if "classes" in info else ""
         lines.append(f"label    {name} ({info['kind']}){extra}")
@@ -118,12 +136,14 @@ def describe(path: str) -> str:
         lines.append(f"ignored  {len(s['ignored_columns'])} non-LoRA column(s): {', '.join(s['ignored_columns'][:5])}")
     for name, rep in s["representations"].items():
         stamp = next(iter(rep["splits"].values()))
-        lines.append(f"feature  {name:15} v{rep['version']}  {rep['state']:10} {rep['bytes'] / 1e6:8.1f} MB  "
-                     f"by {stamp['created_by']} at {stamp['created_at']}")
+        busy = next((v["being_computed"] for v in rep["splits"].values() if "being_computed" in v), None)
+        who = f"by {busy['by']} since {busy['since']}" if busy else f"by {stamp['created_by']} at {stamp['created_at']}"
+        lines.append(f"feature  {name:15} v{rep['version']}  {rep['state']:10} {rep['bytes'] / 1e6:8.1f} MB  {who}")
     for t in s["training"]:
         best = f"best test {t['score']} {t['best_test']:.3f}, mean {t['mean_test']:.3f}" if t["runs_done"] else "no run done"
+        busy = f"  being trained by {t['being_trained']['by']} since {t['being_trained']['since']}" if t["being_trained"] else ""
         lines.append(f"trained  {t['reps']:15} [{t['layer_set']}] {t['label']} {t['model']}  "
-                     f"{t['runs_done']} runs  {best}  ({t['config_hash']})")
+                     f"{t['runs_done']} runs  {best}  ({t['config_hash']}){busy}")
     ratio = f", compression {s['compression_ratio']:.2f}x" if s["compression_ratio"] else ""
     lines.append(f"size     {s['bytes_on_disk'] / 1e6:.0f} MB on disk, {s['bytes_uncompressed'] / 1e6:.0f} MB "
                  f"uncompressed{ratio}")

@@ -9,7 +9,6 @@ budget) and marks it complete last, so a rerun skips finished modules and redoes
 from __future__ import annotations
 
 import errno
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import arrowio, store
+from . import arrowio, leases, store
 from .errors import PipelineError
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
@@ -221,8 +220,7 @@ def _open_or_create(config: MaterializeConfig, p: Plan):
                 f"store {config.store} was made from {what} ({attrs.get('source', {}).get('uri')}); "
                 "rerun with --overwrite to replace it, or choose another --store"
             )
-        shutil.rmtree(config.store)
-    store.check_writable(config.store)
+        store.clear(config.store)
     return store.create_root(config.store, _root_attrs(p, config))
 
 
@@ -308,7 +306,7 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
                         attrs={"description": f"row index in source split {split.source_split!r}"})[:] = split.rows
     if p.id_column:
         ids = table.column(p.id_column).take(take).to_numpy(zero_copy_only=False).astype(str)
-        root.create_array(f"{path}/model_id", shape=(n,), dtype=str, dimension_names=("model",),
+        root.create_array(f"{path}/model_id", shape=(n,), dtype=str, dimension_names=("model",), compressors=store.small_compressors(),
                           attributes={"column": p.id_column}, overwrite=True)[:] = ids
     for name, info in p.labels.items():
         values = table.column(name).take(take)
@@ -339,11 +337,25 @@ class Summary:
     seconds: float
 
 
-def materialize(config: MaterializeConfig, source: Source | None = None, progress=None) -> Summary:
-    """Run stage 1; see the module docstring. ``progress(bytes, layers)`` is called as layers finish."""
+def materialize(config: MaterializeConfig, source: Source | None = None, progress=None, on_wait=None) -> Summary:
+    """Run stage 1; see the module docstring. ``progress(bytes, layers)`` is called as layers finish.
+
+    One materialize at a time per store: a second one waits (``on_wait(holder)`` is called), then
+    finds the layers done and skips them.
+    """
     started = time.perf_counter()
     source = source or open_source(config.source, config.labels_csv)
     p = plan(source, config)
+    store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it
+    store.check_writable(config.store)
+    lease = leases.take(store.zarr_store(config.store), "materialize", on_wait=on_wait)
+    try:
+        return _materialize(config, source, p, progress, started)
+    finally:
+        lease.release()
+
+
+def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, started: float) -> Summary:
     root = _open_or_create(config, p)
     todo = [(s, m) for s in p.splits for m in p.modules if not store.group_complete(root, f"raw/{s.name}/{m.module.key}")]
     skipped = len(p.splits) * len(p.modules) - len(todo)

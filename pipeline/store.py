@@ -16,12 +16,14 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from .errors import PipelineError
@@ -29,6 +31,7 @@ from .errors import PipelineError
 FORMAT = "weightspace-pipeline-store"
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "stores/default.zarr"
+LEASES = "_leases"  # who is computing what: pipeline/leases.py
 
 
 def default_store() -> str:
@@ -86,7 +89,7 @@ def check_usable(path: str | Path) -> str:
         raise PipelineError(f"store path {path} exists and is a file, not a store; choose another --store")
     if is_ours(path):
         return "ours"
-    if any(path.iterdir()):
+    if any(child.name != LEASES for child in path.iterdir()):  # a lease alone: a materialize starting there
         raise PipelineError(f"store path {path} exists and is not one of our stores; choose another --store (nothing was changed)")
     return "absent"
 
@@ -130,9 +133,25 @@ def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
 
 
 def create_root(path: str | Path, attrs: dict) -> zarr.Group:
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs.put({"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs})
-    return root
+    """A new store at ``path``, which holds nothing but (maybe) leases: those must survive."""
+    return zarr.create_group(store=str(path), zarr_format=3, overwrite=False,
+                             attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs})
+
+
+def clear(path: str | Path) -> None:
+    """Remove a store's contents for --overwrite, keeping its leases (the caller holds one of them)."""
+    for child in Path(path).iterdir():
+        if child.name == LEASES:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def zarr_store(path: str | Path) -> LocalStore:
+    """The zarr store object behind ``path``, usable before a hierarchy exists there (for leases)."""
+    return LocalStore(str(path))
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:
@@ -142,16 +161,24 @@ def group_complete(root: zarr.Group, path: str) -> bool:
         return False
 
 
+def update_attrs(node: zarr.Group | zarr.Array, values: dict) -> None:
+    """Merge ``values`` into a node's attributes in ONE metadata write.
+
+    ``node.attrs.update`` is MutableMapping.update: one write per key, so a reader (or a SIGKILL)
+    can see ``complete: true`` before the rest of the mark. ``attrs.put`` writes the whole document.
+    """
+    node.attrs.put({**node.attrs.asdict(), **values})
+
+
 def mark_complete(root: zarr.Group, path: str, **info) -> None:
     """Written last, after every array of the group: a reader trusts nothing without it."""
-    group = root.require_group(path)
-    group.attrs.update({"complete": True, **provenance(), **info})
+    update_attrs(root.require_group(path), {"complete": True, **provenance(), **info})
 
 
 def mark_incomplete(root: zarr.Group, path: str) -> None:
     group = root.require_group(path)
     if group.attrs.get("complete"):
-        group.attrs.update({"complete": False})
+        update_attrs(group, {"complete": False})
 
 
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from . import metrics, representations, store
+from . import leases, metrics, representations, store
 from .errors import PipelineError
 from .features import rep_state, resolve_device
 from .layers import safe_key
@@ -219,12 +219,17 @@ def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, st
     return keep, y, task, classes
 
 
-def check_fresh(root: zarr.Group, path: str, name: str) -> None:
-    """The representation is complete and up to date in every split, or a one-line error with the fix."""
+def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
+    """The representation is complete and up to date in every split, or a one-line error with the fix.
+
+    A representation someone is computing right now is waited for (``on_wait(split, holder)``), then checked.
+    """
     rep = representations.get(name)
     fingerprint = root.attrs["source"]["fingerprint"]
     fix = f"run `pipeline features --store {path} --rep {name}`"
     for split in SPLITS:
+        leases.wait_for(root.store, f"features/{split}/{name}",
+                        on_wait=(lambda holder, split=split: on_wait(split, holder)) if on_wait else None)
         try:
             group = root[f"features/{split}"]
         except KeyError:
@@ -534,6 +539,22 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
     }
 
 
+def train_command(store_path: str, config: dict, runs: int) -> str:
+    """The ``pipeline train`` call that (re)trains a stored configuration (``runs/<digest>`` attrs "config")."""
+    reps = "+".join(r["name"] for r in config["reps"])
+    args = [f"--store {store_path}", f"--rep {reps}", f"--layers {config['layer_set']}", f"--label {config['label']}",
+            f"--model {config['model']}", f"--seed {config['seed']}", f"--runs {runs}"]
+    defaults = Hyper()
+    linear = config["model"] == "linear"
+    for name in ("hidden", "depth", "dropout", "lr", "weight_decay", "batch_size", "epochs", "patience", "plateau_patience",
+                 "plateau_factor"):
+        if linear and name in ("hidden", "depth", "dropout"):
+            continue
+        if config[name] != getattr(defaults, name):
+            args.append(f"--{name.replace('_', '-')} {config[name]}")
+    return "pipeline train " + " ".join(args)
+
+
 def config_hash(config: dict) -> str:
     """sha256 of the sorted-key JSON of the configuration, first 16 hex digits."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -541,6 +562,21 @@ def config_hash(config: dict) -> str:
 
 def run_key(run: int) -> str:
     return f"run-{run:03d}"
+
+
+def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[int]:
+    """``todo`` plus the finished runs that were trained in one ensemble with any of them.
+
+    A run's bytes depend (in the last bit) on which runs it was trained beside, so runs are redone by
+    whole batches: a crash between two runs' marks is repaired to exactly what a clean run writes.
+    """
+    group = root.get(f"runs/{digest}")
+    wanted = set(todo)
+    for key in group.group_keys() if group is not None and todo else ():
+        batch = group[key].attrs.get("batch") if key.startswith("run-") else None
+        if batch and wanted & set(batch):
+            wanted |= set(batch)
+    return sorted(wanted)
 
 
 def finished_runs(root: zarr.Group, digest: str) -> set[int]:
@@ -584,7 +620,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
     """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
     group = root.require_group(f"runs/{digest}")
-    group.attrs.update({
+    store.update_attrs(group, {
         "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
         "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
         "feature_width": data.width, "layers": data.layers, "n": {s: int(len(data.index[s])) for s in SPLITS},
@@ -614,7 +650,8 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
         store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
-                            seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs))
+                            seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs),
+                            batch=[int(r) for r in runs])
 
 
 @dataclass
@@ -643,29 +680,47 @@ class TrainSummary:
         return sum(len(r.skipped) for r in self.results)
 
 
-def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str, cache: dict) -> ConfigResult:
-    """Train the runs of one configuration that are not finished yet (all of them with --force)."""
+def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data, conf: dict, digest: str, todo: list[int],
+                device: str) -> float:
+    """Train runs ``todo`` of one configuration as one ensemble and write them; returns training seconds."""
+    n_out = len(data.classes) if data.task == "classification" else 1
+    dtype = torch.int64 if data.task == "classification" else torch.float32
+    x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
+    y = {s: torch.as_tensor(data.y[s], dtype=dtype, device=device) for s in SPLITS}  # original units
+    if data.task == "regression":  # the loss sees standardised targets
+        y_fit = {s: (y[s] - data.y_scale[0]) / data.y_scale[1] for s in ("train", "val")}
+    else:
+        y_fit = y
+    seeds = [config.seed + r for r in todo]
+    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, Hyper.of(config), data.task, n_out)
+    with torch.no_grad():
+        final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
+    write_runs(root, digest, conf, setup, data, ens, todo, seeds, final, last, test_out)
+    return ens.seconds
+
+
+def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str, cache: dict, on_wait=None) -> ConfigResult:
+    """Train the runs of one configuration that are not finished yet (all of them with --force).
+
+    The configuration's lease is held while training: a teammate training the same configuration
+    at the same time is waited for, and only the runs they did not finish are trained after them.
+    """
     data = load_data(root, config.store, setup, config.label, cache)
     conf = config_dict(root, config, setup, data)
     digest = config_hash(conf)
     done = set() if config.force else finished_runs(root, digest)
     todo = [r for r in range(config.runs) if r not in done]
-    n_out = len(data.classes) if data.task == "classification" else 1
     seconds = 0.0
     if todo:
-        dtype = torch.int64 if data.task == "classification" else torch.float32
-        x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
-        y = {s: torch.as_tensor(data.y[s], dtype=dtype, device=device) for s in SPLITS}  # original units
-        if data.task == "regression":  # the loss sees standardised targets
-            y_fit = {s: (y[s] - data.y_scale[0]) / data.y_scale[1] for s in ("train", "val")}
-        else:
-            y_fit = y
-        seeds = [config.seed + r for r in todo]
-        ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, Hyper.of(config), data.task, n_out)
-        with torch.no_grad():
-            final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
-        write_runs(root, digest, conf, setup, data, ens, todo, seeds, final, last, test_out)
-        seconds = ens.seconds
+        lease = leases.take(root.store, f"train/{digest}", on_wait=(lambda h: on_wait(setup.name, h)) if on_wait else None)
+        try:
+            done = set() if config.force else finished_runs(root, digest)  # again: they may have trained some
+            todo = with_whole_batches(root, digest, [r for r in range(config.runs) if r not in done])
+            done -= set(todo)
+            if todo:
+                seconds = _train_runs(root, config, setup, data, conf, digest, todo, device)
+        finally:
+            lease.release()
     score = "accuracy" if data.task == "classification" else "r2"
     group = root[f"runs/{digest}"]
     values = [group[run_key(r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
@@ -673,8 +728,9 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
                         data.width)
 
 
-def train(config: TrainConfig, on_result=None) -> TrainSummary:
-    """Run stage 3 over the grid; ``on_result(ConfigResult)`` is called after each configuration."""
+def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
+    """Run stage 3 over the grid; ``on_result(ConfigResult)`` is called after each configuration and
+    ``on_wait(what, holder)`` when something someone else is computing is waited for."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     root = store.open_root(config.store, mode="r")
@@ -682,7 +738,8 @@ def train(config: TrainConfig, on_result=None) -> TrainSummary:
     setups = plan_grid(root, config)
     for setup in setups:  # fail on bad input before training anything
         for name in setup.reps:
-            check_fresh(root, config.store, name)
+            check_fresh(root, config.store, name,
+                        on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
     load_labels(root, config.store, config.label)
     root = store.open_root(config.store, mode="r+")
     summary = TrainSummary()
@@ -690,7 +747,7 @@ def train(config: TrainConfig, on_result=None) -> TrainSummary:
     for setup in setups:
         for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
             del cache[key]
-        result = train_setup(root, config, setup, device, cache)
+        result = train_setup(root, config, setup, device, cache, on_wait)
         summary.results.append(result)
         if on_result:
             on_result(result)
