@@ -110,7 +110,7 @@ def read_raw(group: zarr.Group, role: str, start: int, stop: int) -> np.ndarray:
 
 def run_task(task: Task) -> tuple[int, int]:
     """Compute ``task``; returns (bytes of raw read, number of modules). Runs on a dask worker."""
-    root = zarr.open_group(task.store, mode="r+", zarr_format=3)
+    root = zarr.open_group(store.zarr_store(task.store), mode="r+", zarr_format=3)
     reps = [representations.get(name) for name in task.reps]
     n = task.stop - task.start
     outputs = {rep.name: np.zeros((n, task.n_layers if rep.kind == "tensor" else len(task.modules), rep.width), np.float32)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -15,10 +14,6 @@ import zarr
 from . import leases, representations, store
 from .errors import PipelineError
 from .features import rep_state
-
-
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _logical_bytes(root: zarr.Group) -> int:
@@ -32,7 +27,7 @@ def _logical_bytes(root: zarr.Group) -> int:
     return total
 
 
-def _representations(root: zarr.Group, attrs: dict, path: Path, busy: dict) -> dict:
+def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> dict:
     """Per representation found in the store: its state and stamp per split, and its bytes."""
     fingerprint = attrs["source"]["fingerprint"]
     out: dict = {}
@@ -56,7 +51,7 @@ def _representations(root: zarr.Group, attrs: dict, path: Path, busy: dict) -> d
             entry["splits"][split] = {"state": state, "created_by": a.get("created_by"), "created_at": a.get("created_at")}
             if holder is not None:
                 entry["splits"][split]["being_computed"] = _holder(holder)
-            entry["bytes"] += sum(_disk_bytes(path / "features" / split / sub) for sub in (name, f"_progress/{name}"))
+            entry["bytes"] += sum(store.bytes_under(path, f"features/{split}/{sub}") for sub in (name, f"_progress/{name}"))
     for entry in out.values():
         states = {s["state"] for s in entry["splits"].values()}
         entry["state"] = states.pop() if len(states) == 1 else "mixed: " + ", ".join(
@@ -92,7 +87,7 @@ def summary(path: str) -> dict:
     attrs = root.attrs.asdict()
     modules, splits = attrs["modules"], attrs["splits"]
     complete = sum(store.group_complete(root, f"raw/{split}/{m['key']}") for split in splits for m in modules)
-    disk = _disk_bytes(Path(path))
+    disk = store.bytes_under(path)
     logical = _logical_bytes(root)
     busy = leases.active_holders(root.store)
     return {
@@ -107,7 +102,7 @@ def summary(path: str) -> dict:
         "labels": {name: {"kind": info["kind"], **({"classes": info["classes"]} if "classes" in info else {})}
                    for name, info in attrs["labels"].items()},
         "being_materialized": _holder(busy["materialize"]) if "materialize" in busy else None,
-        "representations": _representations(root, attrs, Path(path), busy),
+        "representations": _representations(root, attrs, path, busy),
         "training": _training(root, busy),
         "bytes_on_disk": disk,
         "bytes_uncompressed": logical,

@@ -30,7 +30,7 @@ from pathlib import Path
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from . import store
 
@@ -95,14 +95,24 @@ def _read(zstore, key: str) -> dict | None:
 
 
 def _write(zstore, key: str, record: dict, exclusive: bool) -> bool:
-    buffer = default_buffer_prototype().buffer.from_bytes(json.dumps(record, sort_keys=True).encode())
+    """Write a lease file; with ``exclusive``, only if it does not exist, and say whether we created it."""
+    data = json.dumps(record, sort_keys=True).encode()
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
     if not exclusive:
         sync(zstore.set(key, buffer))
         return True
+    if isinstance(zstore, FsspecStore):
+        try:  # S3 (and compatible servers): a conditional put, If-None-Match: *
+            sync(zstore.fs._pipe_file(f"{zstore.path.rstrip('/')}/{key}", data, mode="create"))
+            return True
+        except FileExistsError:
+            return False
+        except TypeError:  # this filesystem has no exclusive create: fall back to zarr's check-then-set
+            pass
     if sync(zstore.exists(key)):
         return False
     try:
-        sync(zstore.set_if_not_exists(key, buffer))
+        sync(zstore.set_if_not_exists(key, buffer))  # a hard link on a filesystem: exclusive
     except (FileExistsError, OSError):
         return False
     return _read(zstore, key) == record  # set_if_not_exists is silent when it loses: check who won

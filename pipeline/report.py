@@ -39,8 +39,11 @@ class Config:
 
 
 def default_out(path: str) -> Path:
-    """<store>.report beside the store: stores/default.zarr -> stores/default.report."""
-    path = Path(path)
+    """<store>.report beside the store: stores/default.zarr -> stores/default.report; for a store
+    at a URL, under stores/ here: s3://bucket/team/lora.zarr -> stores/lora.report."""
+    if store.is_url(path):
+        path = Path("stores") / str(path).rstrip("/").rsplit("/", 1)[-1]
+    path = store.local_path(path)
     return path.with_name((path.name[:-5] if path.name.endswith(".zarr") else path.name) + ".report")
 
 

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from .errors import PipelineError
@@ -65,24 +68,80 @@ def provenance() -> dict:
     return {"by": f"{getpass.getuser()}@{socket.gethostname()}", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _root_attrs(path: Path) -> dict | None:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return None
+def is_url(location: str | Path) -> bool:
+    """s3://, gs://, memory:// and the like: a store reached through fsspec (file:// is turned into a path)."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def local_path(location: str | Path) -> Path:
+    text = str(location)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def zarr_store(location: str | Path, read_only: bool = False) -> Store:
+    """The zarr store object behind ``location``, usable before a hierarchy exists there (for leases).
+
+    URLs go through fsspec; credentials and endpoints come from the environment (for S3:
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...), never from the store.
+    """
+    if is_url(location):
+        # Listings must not be cached: leases and completion marks written by other processes must be seen.
+        options = {"use_listings_cache": False} if str(location).split("://")[0] in ("s3", "s3a", "gs", "gcs") else None
+        try:
+            return FsspecStore.from_url(str(location), storage_options=options, read_only=read_only)
+        except (ImportError, ValueError) as exc:
+            raise PipelineError(f"cannot open store {location}: {str(exc).splitlines()[0]} "
+                                "(for s3:// install s3fs, for gs:// gcsfs)") from None
+    return LocalStore(str(local_path(location)), read_only=read_only)
+
+
+def _get(zstore: Store, key: str) -> bytes | None:
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
+        buffer = sync(zstore.get(key, prototype=default_buffer_prototype()))
     except (OSError, ValueError):
         return None
+    return None if buffer is None else buffer.to_bytes()
 
 
-def is_ours(path: str | Path) -> bool:
-    attrs = _root_attrs(Path(path))
+def _keys(zstore: Store, prefix: str = "") -> list[str]:
+    async def collect():
+        return [key async for key in zstore.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def _root_attrs(location: str | Path) -> dict | None:
+    if not is_url(location):
+        meta = local_path(location) / "zarr.json"
+        if not meta.is_file():
+            return None
+    raw = _get(zarr_store(location, read_only=True), "zarr.json")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get("attributes", {})
+    except ValueError:
+        return None
+
+
+def is_ours(location: str | Path) -> bool:
+    attrs = _root_attrs(location)
     return bool(attrs) and attrs.get("format") == FORMAT
 
 
-def check_usable(path: str | Path) -> str:
-    """'absent', 'ours' or raise: the path must be free, an empty folder, or one of our stores."""
-    path = Path(path)
+def check_usable(location: str | Path) -> str:
+    """'absent', 'ours' or raise: the location must be free, an empty folder, or one of our stores."""
+    if is_url(location):
+        if is_ours(location):
+            return "ours"
+        try:
+            keys = _keys(zarr_store(location, read_only=True))
+        except OSError as exc:
+            raise PipelineError(f"cannot list store {location} ({exc}); check the URL and the credentials in the environment") from None
+        if any(not key.startswith(LEASES + "/") for key in keys):
+            raise PipelineError(f"store {location} exists and is not one of our stores; choose another --store (nothing was changed)")
+        return "absent"
+    path = local_path(location)
     if not path.exists():
         return "absent"
     if not path.is_dir():
@@ -94,9 +153,20 @@ def check_usable(path: str | Path) -> str:
     return "absent"
 
 
-def check_writable(path: str | Path) -> None:
+def check_writable(location: str | Path) -> None:
     """Fail early, in one line, when the store cannot be created or written."""
-    path = Path(path)
+    if is_url(location):
+        zstore = zarr_store(location)
+        probe = f".pipeline-write-probe-{socket.gethostname()}-{os.getpid()}"
+        try:
+            sync(zstore.set(probe, default_buffer_prototype().buffer.from_bytes(b"")))
+            sync(zstore.delete(probe))
+        except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, fsspec: each raises its own
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(f"cannot write to {location} ({first}); check the bucket, the credentials in the "
+                                "environment, or use --output for your results") from None
+        return
+    path = local_path(location)
     probe_dir = path if path.exists() else path.parent
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
@@ -107,7 +177,21 @@ def check_writable(path: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise PipelineError(f"cannot write to {probe_dir} ({exc.strerror}); choose a writable --store") from None
+        raise PipelineError(f"cannot write to {probe_dir} ({exc.strerror}); choose a writable --store, "
+                            "or use --output for your results") from None
+
+
+def bytes_under(location: str | Path, prefix: str = "") -> int:
+    """Bytes stored under ``prefix`` (a folder of the store, "" for all of it), as on disk or in the bucket."""
+    if not is_url(location):
+        base = local_path(location) / prefix
+        return sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) if base.is_dir() else 0
+    zstore = zarr_store(location, read_only=True)
+    path = f"{zstore.path.rstrip('/')}/{prefix}".rstrip("/")
+    try:
+        return int(sync(zstore.fs._du(path, total=True)))
+    except FileNotFoundError:
+        return 0
 
 
 def check_schema(path: str | Path, version) -> None:
@@ -125,33 +209,34 @@ def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
 
     Schema 1 is the first; when a schema 2 comes, stores of schema 1 are migrated here, on open.
     """
-    attrs = _root_attrs(Path(path))
+    attrs = _root_attrs(path)
     if not attrs or attrs.get("format") != FORMAT:
         raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
     check_schema(path, attrs.get("schema_version"))
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def create_root(path: str | Path, attrs: dict) -> zarr.Group:
     """A new store at ``path``, which holds nothing but (maybe) leases: those must survive."""
-    return zarr.create_group(store=str(path), zarr_format=3, overwrite=False,
+    return zarr.create_group(store=zarr_store(path), zarr_format=3, overwrite=False,
                              attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs})
 
 
 def clear(path: str | Path) -> None:
     """Remove a store's contents for --overwrite, keeping its leases (the caller holds one of them)."""
-    for child in Path(path).iterdir():
+    if is_url(path):
+        zstore = zarr_store(path)
+        for key in _keys(zstore):
+            if not key.startswith(LEASES + "/"):
+                sync(zstore.delete(key))
+        return
+    for child in local_path(path).iterdir():
         if child.name == LEASES:
             continue
         if child.is_dir():
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def zarr_store(path: str | Path) -> LocalStore:
-    """The zarr store object behind ``path``, usable before a hierarchy exists there (for leases)."""
-    return LocalStore(str(path))
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:
