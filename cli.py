@@ -155,9 +155,11 @@ def features(store, reps, splits, device, workers, scheduler, force, list_reps, 
 @click.option("--plateau-patience", default=10, show_default=True)
 @click.option("--plateau-factor", default=0.5, show_default=True)
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
+@click.option("--workers", type=int, default=None, help="Train configurations in parallel on a local dask cluster of N processes.")
+@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
 @click.option("--quiet", is_flag=True)
 def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, dropout, lr, weight_decay, batch_size, epochs,
-          patience, plateau_patience, plateau_factor, force, quiet):
+          patience, plateau_patience, plateau_factor, force, workers, scheduler, quiet):
     """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
     from pipeline.store import default_store
     from pipeline.train import TrainConfig, train as run
@@ -165,7 +167,8 @@ def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, 
     config = TrainConfig(store=store or default_store(), reps=reps, layers=layers, label=label, runs=runs, seed=seed,
                          model=model, device=device, hidden=hidden, depth=depth, dropout=dropout, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
-                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet)
+                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet,
+                         workers=workers, scheduler=scheduler)
 
     def echo(result):
         if not quiet:

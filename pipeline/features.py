@@ -12,7 +12,6 @@ Why tasks span all modules of a chunk rather than one module: every zarr read or
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import zarr
 from zarr.errors import ContainsArrayError
 
 from . import __version__, leases, representations, store
+from . import cluster as cluster_mod
 from .errors import PipelineError
 
 
@@ -297,26 +297,10 @@ def _finish(config: FeaturesConfig, computed: dict) -> None:
                                                      "created_at": store.provenance()["at"]})
 
 
-def _client(config: FeaturesConfig):
-    import logging
-
-    from dask.distributed import Client, LocalCluster
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)  # a task's failure still reaches the user as its exception
-    address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if address:
-        return Client(address), None
-    if config.workers:
-        cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    else:  # in-process threads: no start-up cost, and torch releases the GIL in its kernels
-        cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=None)
-    return Client(cluster), cluster
-
-
 def _run_tasks(config: FeaturesConfig, tasks: list[Task], progress) -> None:
     from dask.distributed import as_completed
 
-    client, cluster = _client(config)
+    client, cluster = cluster_mod.client_for(config.scheduler, config.workers)
     threads = torch.get_num_threads()
     if cluster is not None and not config.workers:
         torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from . import leases, metrics, representations, store
+from . import cluster, leases, metrics, representations, store
 from .errors import PipelineError
 from .features import rep_state, resolve_device
 from .layers import safe_key
@@ -66,6 +66,8 @@ class TrainConfig:
     plateau_factor: float = 0.5
     force: bool = False
     quiet: bool = False
+    workers: int | None = None  # a LocalCluster of this many worker processes, one configuration per task
+    scheduler: str | None = None  # address of an existing dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)
 
     def __post_init__(self):
         checks = [("runs", self.runs >= 1), ("hidden", self.hidden >= 1), ("depth", self.depth >= 0),
@@ -741,16 +743,42 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
     load_labels(root, config.store, config.label)
-    root = store.open_root(config.store, mode="r+")
     summary = TrainSummary()
-    cache: dict = {}
-    for setup in setups:
-        for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
-            del cache[key]
-        result = train_setup(root, config, setup, device, cache, on_wait)
-        summary.results.append(result)
-        if on_result:
-            on_result(result)
+    if config.workers or cluster.scheduler_address(config.scheduler):
+        summary.results = _train_on_cluster(config, setups, on_result)
+    else:
+        root = store.open_root(config.store, mode="r+")
+        cache: dict = {}
+        for setup in setups:
+            for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
+                del cache[key]
+            result = train_setup(root, config, setup, device, cache, on_wait)
+            summary.results.append(result)
+            if on_result:
+                on_result(result)
     summary.seconds = time.perf_counter() - started
     return summary
 
+
+def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
+    """One configuration on a dask worker: its device is the worker's (one worker per GPU)."""
+    root = store.open_root(config.store, mode="r+")
+    return train_setup(root, config, setup, resolve_device(config.device), {})
+
+
+def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
+    from dask.distributed import as_completed
+
+    client, local = cluster.client_for(config.scheduler, config.workers)
+    try:
+        futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
+        results: list = [None] * len(setups)
+        for future in as_completed(futures):
+            results[futures[future]] = result = future.result()
+            if on_result:
+                on_result(result)
+        return results
+    finally:
+        client.close()
+        if local is not None:
+            local.close()

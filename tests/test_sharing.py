@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SMALL_LAYERS, assert_same_arrays, file_snapshot, materialize_to
+from conftest import SMALL_LAYERS, assert_same_arrays, file_snapshot, materialize_to, store_arrays
 from pipeline.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,3 +173,58 @@ def test_sigkill_at_several_points_then_rerun_equals_a_clean_run(stage, base, sy
         assert_same_arrays(store, clean)
         problems = verify(str(store)).problems  # a write killed half-way may leave its temporary file; nothing else
         assert [p for p in problems if p.reset[0] != "delete"] == []
+
+
+# --- a dask cluster: configurations and chunks as tasks, a worker killed mid-run ----------------------
+
+
+def test_features_on_a_cluster_are_exact_when_a_worker_is_killed(base, tmp_path):
+    import threading
+
+    from dask.distributed import Client, LocalCluster
+
+    from pipeline.features import FeaturesConfig, compute_features
+
+    clean, store = copy(base, tmp_path / "clean.zarr"), copy(base, tmp_path / "store.zarr")
+    compute_features(FeaturesConfig(store=str(clean), reps="all", quiet=True))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        errors = []
+
+        def run():
+            try:
+                compute_features(FeaturesConfig(store=str(store), reps="all", scheduler=cluster.scheduler_address, quiet=True))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        while _count_feature_chunks(store) < 1 and worker.is_alive():
+            time.sleep(0.005)
+        assert worker.is_alive(), "features finished before the kill"
+        os.kill(pids[0], signal.SIGKILL)  # dask reschedules its tasks; its nanny starts a new one
+        worker.join(timeout=300)
+    assert not errors, errors
+    assert_same_arrays(store, clean)
+
+
+def test_train_on_a_cluster_equals_in_process(base, tmp_path):
+    from pipeline.features import FeaturesConfig, compute_features
+    from pipeline.train import TrainConfig, train
+
+    local = copy(base, tmp_path / "local.zarr")
+    compute_features(FeaturesConfig(store=str(local), reps="dw_norms,simple_stats", quiet=True))
+    on_cluster = copy(local, tmp_path / "cluster.zarr")
+    options = dict(reps="dw_norms,simple_stats", runs=2, hidden=16, epochs=4, patience=2, quiet=True)
+    train(TrainConfig(store=str(local), **options))
+    summary = train(TrainConfig(store=str(on_cluster), workers=2, **options))
+    assert [r.setup.reps for r in summary.results] == [("dw_norms",), ("simple_stats",)] and summary.trained == 4
+    # dask workers run torch on one thread, this process on two: sums in another order, the last bit may differ
+    a, b = store_arrays(on_cluster), store_arrays(local)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
