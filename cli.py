@@ -108,9 +108,10 @@ def _say_waiting(what: str, holder) -> None:
 @click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes.")
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
 @click.option("--force", is_flag=True, help="Recompute even representations that are up to date.")
+@click.option("--output", default=None, help="Write the features to this store of your own (for a read-only --store).")
 @click.option("--list", "list_reps", is_flag=True, help="List the representations and exit.")
 @click.option("--quiet", is_flag=True)
-def features(store, reps, splits, device, workers, scheduler, force, list_reps, quiet):
+def features(store, reps, splits, device, workers, scheduler, force, output, list_reps, quiet):
     """Compute representations of every layer into the store, in one pass over the raw chunks."""
     from pipeline import progress, representations
     from pipeline.features import FeaturesConfig, compute_features
@@ -122,7 +123,7 @@ def features(store, reps, splits, device, workers, scheduler, force, list_reps, 
             click.echo(f"{row['name']:16} {row['kind']:7} {row['width']:5}  {row['version']:7}  {row['invariance']}")
         return
     config = FeaturesConfig(store=store or default_store(), reps=reps, splits=splits, device=device, workers=workers,
-                            scheduler=scheduler, force=force, quiet=quiet)
+                            scheduler=scheduler, force=force, quiet=quiet, output=output)
     summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"),
                                on_wait=None if quiet else lambda split, rep, holder: _say_waiting(f"{rep} on {split}", holder))
     if not quiet:
@@ -155,11 +156,12 @@ def features(store, reps, splits, device, workers, scheduler, force, list_reps, 
 @click.option("--plateau-patience", default=10, show_default=True)
 @click.option("--plateau-factor", default=0.5, show_default=True)
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
+@click.option("--output", default=None, help="Write the runs to this store of your own (for a read-only --store).")
 @click.option("--workers", type=int, default=None, help="Train configurations in parallel on a local dask cluster of N processes.")
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
 @click.option("--quiet", is_flag=True)
 def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, dropout, lr, weight_decay, batch_size, epochs,
-          patience, plateau_patience, plateau_factor, force, workers, scheduler, quiet):
+          patience, plateau_patience, plateau_factor, force, output, workers, scheduler, quiet):
     """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
     from pipeline.store import default_store
     from pipeline.train import TrainConfig, train as run
@@ -168,7 +170,7 @@ def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, 
                          model=model, device=device, hidden=hidden, depth=depth, dropout=dropout, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                          plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet,
-                         workers=workers, scheduler=scheduler)
+                         workers=workers, scheduler=scheduler, output=output)
 
     def echo(result):
         if not quiet:

@@ -13,7 +13,7 @@ Why tasks span all modules of a chunk rather than one module: every zarr read or
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class FeaturesConfig:
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
     force: bool = False
     quiet: bool = False
+    output: str | None = None  # write the features here (a personal store) when ``store`` is read-only
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class ModuleInfo:
 class Task:
     """One model chunk of one split: the unit dask schedules. Plain data, picklable."""
 
-    store: str
+    store: str  # where the features are written
+    raw_store: str  # where the raw layers are read: the same store, or the shared one it builds on
     split: str
     chunk: int  # index of the model chunk
     start: int
@@ -111,13 +113,15 @@ def read_raw(group: zarr.Group, role: str, start: int, stop: int) -> np.ndarray:
 def run_task(task: Task) -> tuple[int, int]:
     """Compute ``task``; returns (bytes of raw read, number of modules). Runs on a dask worker."""
     root = zarr.open_group(store.zarr_store(task.store), mode="r+", zarr_format=3)
+    raw = root if task.raw_store == task.store else zarr.open_group(store.zarr_store(task.raw_store, read_only=True), mode="r",
+                                                                       zarr_format=3)
     reps = [representations.get(name) for name in task.reps]
     n = task.stop - task.start
     outputs = {rep.name: np.zeros((n, task.n_layers if rep.kind == "tensor" else len(task.modules), rep.width), np.float32)
                for rep in reps}
     nbytes = 0
     for module in task.modules:
-        group = root[f"raw/{task.split}/{module.key}"]
+        group = raw[f"raw/{task.split}/{module.key}"]
         a = read_raw(group, "A", task.start, task.stop)
         b = read_raw(group, "B", task.start, task.stop)
         nbytes += a.nbytes + b.nbytes
@@ -233,15 +237,17 @@ def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] |
     to the given (split, rep) pairs (the deferred ones, once their holders are done).
     """
     root = store.open_root(config.store, mode="r+")
+    raw_location = store.base_location(root) or config.store
+    raw_root = root if raw_location == config.store else store.open_root(raw_location, mode="r")
     attrs = root.attrs.asdict()
     reps = representations.resolve(config.reps)
     splits = _splits(attrs, config.splits)
-    _check_materialized(root, config.store, attrs, splits)
+    _check_materialized(raw_root, raw_location, attrs, splits)
     fingerprint = attrs["source"]["fingerprint"]
     modules = tuple(_modules(attrs))
     plan = Plan([], {}, {}, [], {})
     try:
-        _fill_plan(plan, config, root, attrs, reps, splits, modules, fingerprint, device, only)
+        _fill_plan(plan, config, root, raw_root, raw_location, attrs, reps, splits, modules, fingerprint, device, only)
     except BaseException:
         for lease in plan.held:
             lease.release()
@@ -249,11 +255,11 @@ def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] |
     return plan
 
 
-def _fill_plan(plan: Plan, config: FeaturesConfig, root, attrs: dict, reps, splits, modules, fingerprint: str, device: str,
-               only) -> None:
+def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location: str, attrs: dict, reps, splits, modules,
+               fingerprint: str, device: str, only) -> None:
     for split in splits:
         n = attrs["splits"][split]["n"]
-        chunk = root[f"raw/{split}/{modules[0].key}/A"].chunks[0]
+        chunk = raw_root[f"raw/{split}/{modules[0].key}/A"].chunks[0]
         n_chunks = -(-n // chunk)
         features = _write_coordinates(root, split, attrs)
         todo: dict[int, list[str]] = {}
@@ -283,8 +289,8 @@ def _fill_plan(plan: Plan, config: FeaturesConfig, root, attrs: dict, reps, spli
             for c in np.flatnonzero(done == 0):
                 todo.setdefault(int(c), []).append(rep.name)
         for c, names in sorted(todo.items()):
-            plan.tasks.append(Task(config.store, split, c, c * chunk, min(n, (c + 1) * chunk), modules, len(attrs["layers"]),
-                                   tuple(names), device))
+            plan.tasks.append(Task(config.store, raw_location, split, c, c * chunk, min(n, (c + 1) * chunk), modules,
+                                   len(attrs["layers"]), tuple(names), device))
 
 
 def _finish(config: FeaturesConfig, computed: dict) -> None:
@@ -329,6 +335,7 @@ def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> Fea
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
+    config = replace(config, store=store.writable_target(config.store, config.output), output=None)
     computed: dict[str, list[str]] = {}
     fresh: dict[str, list[str]] = {}
     n_tasks, only = 0, None

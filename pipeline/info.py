@@ -93,6 +93,7 @@ def summary(path: str) -> dict:
     return {
         "store": str(path),
         "format": attrs["format"], "schema_version": attrs["schema_version"],
+        "base": attrs.get("base"),
         "source": attrs["source"],
         "splits": {name: info["n"] for name, info in splits.items()},
         "modules": len(modules), "layers": 2 * len(modules),
@@ -117,6 +118,7 @@ def describe(path: str) -> str:
     lines = [
         f"store    {s['store']}  (format {s['format']} v{s['schema_version']})",
         f"source   {source['uri']}  [{source['kind']}, fingerprint {source['fingerprint'][:12]}]",
+        *([f"base     {s['base']['store']}  (raw layers and shared features are read there)"] if s["base"] else []),
         "splits   " + ", ".join(f"{name} {n}" for name, n in s["splits"].items()),
         f"layers   {s['layers']} tensors in {s['modules']} modules, rank {'/'.join(map(str, s['ranks']))}, "
         f"{s['chunk_models']} models per chunk",

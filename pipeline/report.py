@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,11 +211,17 @@ def write_report(path: str, out: str | Path | None = None) -> ReportSummary:
     matplotlib.use("Agg")
     configs = collect(path)
     rows = [row(c) for c in configs]
-    out = Path(out) if out else default_out(path)
+    chosen = Path(out) if out else default_out(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        chosen.mkdir(parents=True, exist_ok=True)
+        if not os.access(chosen, os.W_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as exc:
-        raise PipelineError(f"cannot create report folder {out} ({exc.strerror}); choose another --out") from None
+        if out:
+            raise PipelineError(f"cannot create report folder {chosen} ({exc.strerror}); choose another --out") from None
+        chosen = Path("stores") / chosen.name  # beside a read-only shared store: here instead
+        chosen.mkdir(parents=True, exist_ok=True)
+    out = chosen
     files = [out / "results.csv", out / "results.md"]
     with open(files[0], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

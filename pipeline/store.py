@@ -239,6 +239,52 @@ def clear(path: str | Path) -> None:
             child.unlink()
 
 
+def base_location(root: zarr.Group) -> str | None:
+    """The shared store a personal store (made by --output) builds on: its raw data and features are read there."""
+    return (root.attrs.get("base") or {}).get("store")
+
+
+def raw_location(location: str) -> str:
+    """Where the raw layers of the store at ``location`` are: itself, or its base."""
+    return base_location(open_root(location)) or location
+
+
+def writable_target(location: str, output: str | None) -> str:
+    """The store a command writes to: ``location`` if writable, else ``output`` (made if absent).
+
+    ``output`` is a small personal store that refers to ``location`` by its source fingerprint: it holds
+    a copy of the labels and what the command computes; raw layers and features stay in ``location``.
+    """
+    if not output:
+        open_root(location)  # a clear error first when it is not a store at all
+        try:
+            check_writable(location)
+        except PipelineError as exc:
+            raise PipelineError(f"store {location} is read-only here ({exc}); pass --output STORE to write your "
+                                "results to a store of your own that builds on it") from None
+        return location
+    shared = open_root(location, mode="r")
+    fingerprint = shared.attrs["source"]["fingerprint"]
+    if check_usable(output) == "ours":
+        mine = open_root(output)
+        if (mine.attrs.get("base") or {}).get("fingerprint") != fingerprint and mine.attrs["source"]["fingerprint"] != fingerprint:
+            raise PipelineError(f"--output {output} builds on other data than {location}; choose another --output")
+        return output
+    check_writable(output)
+    attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}
+    mine = create_root(output, {**attrs, "created": provenance(), "base": {"store": str(location), "fingerprint": fingerprint}})
+    for split in attrs["splits"]:  # labels: small, and every reader of a store needs them
+        source = shared[f"labels/{split}"]
+        for name in source.array_keys():
+            array = source[name]
+            copy = mine.create_array(f"labels/{split}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                     dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
+                                     attributes=array.attrs.asdict())
+            copy[...] = array[...]
+        mark_complete(mine, f"labels/{split}")
+    return output
+
+
 def group_complete(root: zarr.Group, path: str) -> bool:
     try:
         return bool(root[path].attrs.get("complete", False))

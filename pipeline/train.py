@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ class TrainConfig:
     plateau_factor: float = 0.5
     force: bool = False
     quiet: bool = False
+    output: str | None = None  # write the runs here (a personal store) when ``store`` is read-only
     workers: int | None = None  # a LocalCluster of this many worker processes, one configuration per task
     scheduler: str | None = None  # address of an existing dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)
 
@@ -138,9 +139,25 @@ def select(names: list[str], layer_set: str) -> np.ndarray:
     return np.array([i for i, name in enumerate(names) if pattern is None or pattern.search(name)], dtype=np.int64)
 
 
+def feature_home(root: zarr.Group, name: str) -> zarr.Group:
+    """Where a representation's features are read: this store, or the shared store it builds on (--output)."""
+    base = store.base_location(root)
+    if base is None:
+        return root
+    rep = representations.get(name)
+    fingerprint = root.attrs["source"]["fingerprint"]
+    groups = [root.get(f"features/{split}") for split in SPLITS]
+    if all(g is not None and rep_state(g, rep, fingerprint) == "fresh" for g in groups):
+        return root
+    return store.open_root(base, mode="r")
+
+
 def _stored_reps(root: zarr.Group) -> list[str]:
-    features = root.get("features/train")
-    present = set(features.array_keys()) if features is not None else set()
+    present = set()
+    base = store.base_location(root)
+    for group in (root, store.open_root(base, mode="r") if base else None):
+        features = group.get("features/train") if group is not None else None
+        present |= set(features.array_keys()) if features is not None else set()
     return [name for name in representations.REGISTRY if name in present]
 
 
@@ -229,6 +246,7 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
     rep = representations.get(name)
     fingerprint = root.attrs["source"]["fingerprint"]
     fix = f"run `pipeline features --store {path} --rep {name}`"
+    root = feature_home(root, name)
     for split in SPLITS:
         leases.wait_for(root.store, f"features/{split}/{name}",
                         on_wait=(lambda holder, split=split: on_wait(split, holder)) if on_wait else None)
@@ -265,9 +283,10 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict
             axis = "layers" if representations.get(name).kind == "tensor" else "modules"
             raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} {axis} of {name!r}")
         layers[name] = [names[i] for i in index]
+        home = feature_home(root, name)
         for split in SPLITS:
             if (split, name) not in cache:
-                cache[(split, name)] = root[f"features/{split}/{name}"][:]
+                cache[(split, name)] = home[f"features/{split}/{name}"][:]
             values = cache[(split, name)][keep[split]][:, index].reshape(len(keep[split]), -1)
             bad = int((~np.isfinite(values)).sum())
             if bad:
@@ -735,6 +754,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
     ``on_wait(what, holder)`` when something someone else is computing is waited for."""
     started = time.perf_counter()
     device = resolve_device(config.device)
+    config = replace(config, store=store.writable_target(config.store, config.output), output=None)
     root = store.open_root(config.store, mode="r")
     check_splits(root, config.store)
     setups = plan_grid(root, config)
