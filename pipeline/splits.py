@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 
 from .errors import PipelineError
+from .layers import safe_key
 
 _ALIASES = {"validation": "val", "valid": "val", "val": "val", "train": "train", "test": "test"}
 
@@ -53,7 +54,7 @@ def plan_splits(sizes: dict[str, int], test_size: float, val_test_size: float, s
         return [SplitPlan(name, source_split, rows) for name, rows in made.items()]
     plans = []
     for source_split, n in sizes.items():
-        name = _ALIASES.get(source_split, source_split)
+        name = safe_key(_ALIASES.get(source_split, source_split))  # a split name from the data becomes a store path
         if n == 0:
             raise PipelineError(f"source split {source_split!r} has no rows; remove it or add rows")
         plans.append(SplitPlan(name, source_split, np.arange(n, dtype=np.int64)))

@@ -67,3 +67,9 @@ def test_plan_splits_keeps_source_splits_in_order():
 def test_plan_splits_errors(sizes, fragment):
     with pytest.raises(PipelineError, match=fragment):
         plan_splits(sizes, 0.3, 0.67, 42)
+
+
+def test_split_names_from_the_data_cannot_escape_the_store():
+    plans = plan_splits({"../../evil": 3, "train": 5, "a/b": 2}, 0.3, 0.67, 42)
+    assert {p.name for p in plans} == {"train", "_.._evil", "a_b"}
+    assert {p.source_split for p in plans} == {"../../evil", "train", "a/b"}
