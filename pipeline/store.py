@@ -267,8 +267,9 @@ def writable_target(location: str, output: str | None) -> str:
     fingerprint = shared.attrs["source"]["fingerprint"]
     if check_usable(output) == "ours":
         mine = open_root(output)
-        if (mine.attrs.get("base") or {}).get("fingerprint") != fingerprint and mine.attrs["source"]["fingerprint"] != fingerprint:
-            raise PipelineError(f"--output {output} builds on other data than {location}; choose another --output")
+        if mine.attrs["source"]["fingerprint"] != fingerprint or mine.attrs.get("layout") != shared.attrs.get("layout"):
+            raise PipelineError(f"--output {output} builds on other data than {location} (another source, or other "
+                                "splits or layers); choose another --output")
         return output
     check_writable(output)
     attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}

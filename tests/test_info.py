@@ -105,3 +105,26 @@ def test_a_malformed_schema_version_is_refused(small_store, tmp_path):
     shutil.copytree(small_store, path)
     _set_schema(path, "one")
     assert_one_line_error(run_cli("info", "--store", path), "invalid schema version", "--overwrite")
+
+
+def test_work_in_progress_is_shown_with_who_and_since(trained_store, tmp_path):
+    from pipeline import leases
+    from pipeline.store import zarr_store
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(trained_store, path)
+    digest = info_json(path)["training"][0]["config_hash"]
+    held = [leases.take(zarr_store(path), scope) for scope in ("features/val/dw_norms", f"train/{digest}", "materialize")]
+    try:
+        info = info_json(path)
+        me = held[0]._record()["by"]
+        assert info["representations"]["dw_norms"]["splits"]["val"]["state"] == "being computed"
+        assert info["representations"]["dw_norms"]["splits"]["val"]["being_computed"]["by"] == me
+        assert info["representations"]["dw_norms"]["state"] == "mixed: train fresh, val being computed, test fresh"
+        assert info["training"][0]["being_trained"]["by"] == me and info["being_materialized"]["by"] == me
+        text = run_cli("info", "--store", path).output
+        assert f"being materialized by {me}" in text and f"being trained by {me}" in text
+    finally:
+        for lease in held:
+            lease.release()
+    assert info_json(path)["representations"]["dw_norms"]["state"] == "fresh"

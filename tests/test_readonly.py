@@ -99,3 +99,10 @@ def test_output_store_builds_on_the_shared_one(shared, shared_source, tmp_path):
     # the same --output again: it builds on the same data, and is up to date
     again = run_cli("features", "--store", shared, "--output", mine, "--rep", "simple_stats")
     assert again.exit_code == 0 and "up to date simple_stats" in again.output
+
+
+def test_an_output_store_of_other_data_is_refused(shared, synth_dir, tmp_path):
+    other = tmp_path / "other.zarr"
+    materialize_to(other, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02, split_seed=7)  # other splits: other data
+    result = run_cli("features", "--store", shared, "--output", other, "--rep", "simple_stats")
+    assert_one_line_error(result, f"--output {other} builds on other data than {shared}")
