@@ -375,10 +375,12 @@ def forward(state: dict, x: torch.Tensor, depth: int, train: bool = False, dropo
     return h
 
 
-def evaluate(state: dict, x: torch.Tensor, depth: int, width_hint: int) -> torch.Tensor:
-    """Eval-mode outputs (R, n, out) for a shared input (n, in), in row chunks that bound the memory."""
+def evaluate(state: dict, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """Eval-mode outputs (R, n, out) for a shared input (n, in), in row chunks that bound the memory:
+    at most _EVAL_ELEMENTS activations of the widest layer at once, whatever n is."""
     runs = state["w0"].shape[0]
-    rows = max(1, _EVAL_ELEMENTS // max(1, runs * max(width_hint, 1)))
+    widest = max(state[f"w{i}"].shape[-1] for i in range(depth + 1))
+    rows = max(1, _EVAL_ELEMENTS // (runs * widest))
     with torch.no_grad():
         return torch.cat([forward(state, x[i:i + rows], depth) for i in range(0, len(x), rows)], dim=1)
 
@@ -462,7 +464,7 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
                 if task == "classification":
                     score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
         with torch.no_grad():
-            val_out = evaluate(state, x_val, hp.depth, max(hp.hidden, n_out))
+            val_out = evaluate(state, x_val, hp.depth)
             val_loss = _loss(val_out, y_val[None].expand(len(active), -1), task)
             val_score = _score(val_out, y_val, task)
         host = torch.stack([loss_sum / max(seen, 1), score_sum / max(seen, 1), val_loss.to(torch.float64),
@@ -472,7 +474,7 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
                 curves[name][r].append(value)
         if task == "regression":  # R^2 of the training batches is not meaningful: report it on the whole train set
             with torch.no_grad():
-                train_r2 = _score(evaluate(state, x_train, hp.depth, max(hp.hidden, n_out)), y_train, task).cpu().numpy()
+                train_r2 = _score(evaluate(state, x_train, hp.depth), y_train, task).cpu().numpy()
             for pos, r in enumerate(active):
                 curves["train_score"][r][-1] = train_r2[pos]
         scores = host[3]
@@ -612,9 +614,9 @@ def _final_metrics(ens: Ensemble, data: Data, tensors: dict, n_out: int) -> tupl
     out = {}
     result = {}
     for split in SPLITS:
-        out[split] = evaluate(ens.best, tensors[split][0], ens.depth, n_out)
+        out[split] = evaluate(ens.best, tensors[split][0], ens.depth)
         result[split] = _metrics(out[split], tensors[split][1], data, n_out)
-    last = {"test": _metrics(evaluate(ens.last, tensors["test"][0], ens.depth, n_out), tensors["test"][1], data, n_out)}
+    last = {"test": _metrics(evaluate(ens.last, tensors["test"][0], ens.depth), tensors["test"][1], data, n_out)}
     return result, last, out["test"]
 
 

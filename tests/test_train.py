@@ -144,7 +144,7 @@ def test_batched_ensemble_equals_the_original_loop():
         np.testing.assert_array_equal(ens.curves["lr"][r], ref["curves"]["lr"])
         lrs.update(ens.curves["lr"][r])
         with torch.no_grad():
-            acc = metrics.classification(yv, train_mod.evaluate(ens.best, xv, 3, 32).argmax(-1), 4)["accuracy"][r]
+            acc = metrics.classification(yv, train_mod.evaluate(ens.best, xv, 3).argmax(-1), 4)["accuracy"][r]
         assert acc.item() == pytest.approx(ref["test_best"])
     assert len(lrs) > 1  # the plateau schedule did act
 
@@ -168,8 +168,8 @@ def test_batched_equals_one_run_at_a_time():
         np.testing.assert_allclose(together.curves["val_score"][r], alone.curves["val_score"][0], atol=1 / 30 + 1e-9)
         np.testing.assert_array_equal(together.curves["lr"][r], alone.curves["lr"][0])
         with torch.no_grad():
-            a = train_mod.evaluate(together.best, xv, 2, 16)[r]
-            b = train_mod.evaluate(alone.best, xv, 2, 16)[0]
+            a = train_mod.evaluate(together.best, xv, 2)[r]
+            b = train_mod.evaluate(alone.best, xv, 2)[0]
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
         assert (a.argmax(-1) == b.argmax(-1)).sum() >= 29
 
@@ -181,7 +181,7 @@ def test_best_weights_are_copied_not_referenced():
     best_epoch = ens.best_epoch[0]
     assert best_epoch < 30  # else the test proves nothing
     with torch.no_grad():
-        best_acc = (train_mod.evaluate(ens.best, xv, 3, 16).argmax(-1) == yv).double().mean().item()
+        best_acc = (train_mod.evaluate(ens.best, xv, 3).argmax(-1) == yv).double().mean().item()
     assert best_acc == ens.curves["val_score"][0][best_epoch - 1]
     assert not torch.equal(ens.best["w0"], ens.last["w0"])
 
@@ -374,3 +374,18 @@ def test_config_is_validated():
         TrainConfig(dropout=1.0)
     with pytest.raises(PipelineError, match="--model"):
         TrainConfig(model="svm")
+
+
+def test_evaluation_memory_is_bounded_by_the_widest_layer_not_by_n(monkeypatch):
+    """Outputs are computed in row chunks of at most _EVAL_ELEMENTS activations of the widest layer (the
+    hidden one, not the output): the final metrics of a 50k-adapter store once took 2.8 GiB this way."""
+    x, y = toy(n=150, d=20, classes=4)
+    ens = train_ensemble(x[:100], y[:100], x[100:], y[100:], [0, 1, 2], Hyper(hidden=32, epochs=2), "classification", 4)
+    whole = train_mod.evaluate(ens.best, x, 3)
+    monkeypatch.setattr(train_mod, "_EVAL_ELEMENTS", 3 * 32 * 7)  # 7 rows of 3 runs x 32 hidden units at a time
+    calls = []
+    real = train_mod.forward
+    monkeypatch.setattr(train_mod, "forward", lambda state, xb, depth, **k: calls.append(len(xb)) or real(state, xb, depth, **k))
+    chunked = train_mod.evaluate(ens.best, x, 3)
+    assert max(calls) == 7 and sum(calls) == 150
+    torch.testing.assert_close(chunked, whole)
