@@ -57,6 +57,29 @@ def materialize_to(store, source, **options):
     return materialize(MaterializeConfig(store=str(store), source=str(source), quiet=True, **options))
 
 
+def race_for_lease(zstore, scope: str, racers: int) -> list:
+    """``racers`` threads try to take ``scope`` at the same instant; returns the leases that won (held)."""
+    import threading
+
+    from pipeline import leases
+
+    contenders = [leases.Lease(zstore, scope) for _ in range(racers)]
+    barrier = threading.Barrier(racers)
+    won = []
+
+    def go(lease):
+        barrier.wait()
+        if lease.acquire():
+            won.append(lease)
+
+    threads = [threading.Thread(target=go, args=(lease,)) for lease in contenders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
 # --- reading stores ---------------------------------------------------------------------------------
 
 

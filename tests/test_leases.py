@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import zarr
 
+from conftest import race_for_lease
 from pipeline import leases
 from pipeline.store import zarr_store
 
@@ -53,20 +53,7 @@ def test_exactly_one_winner_when_many_race_for_a_free_or_expired_scope(zs):
             assert dead.acquire()
             dead._stop.set()
             time.sleep(0.05)
-        racers = [leases.Lease(zs, scope) for _ in range(8)]
-        barrier = threading.Barrier(len(racers))
-        won = []
-
-        def go(lease):
-            barrier.wait()
-            if lease.acquire():
-                won.append(lease)
-
-        threads = [threading.Thread(target=go, args=(lease,)) for lease in racers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = race_for_lease(zs, scope, 8)
         assert len(won) == 1, f"round {round_}: {len(won)} winners"
         assert leases.holder(zs, scope).token == won[0].token
         won[0].release()

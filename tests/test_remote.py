@@ -11,14 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import SMALL_LAYERS, assert_one_line_error, assert_same_arrays, materialize_to, run_cli
-from pipeline import leases
+from conftest import SMALL_LAYERS, assert_one_line_error, assert_same_arrays, materialize_to, race_for_lease, run_cli
 from pipeline.features import FeaturesConfig, compute_features
 from pipeline.store import zarr_store
 from pipeline.train import TrainConfig, train
@@ -107,20 +105,7 @@ def test_the_whole_path_on_s3_equals_local_disk(s3, synth_dir, local_reference, 
 def test_leases_on_s3_are_exclusive_under_a_race(s3):
     zs = zarr_store(f"s3://{s3}/race.zarr")
     for round_ in range(5):
-        racers = [leases.Lease(zs, f"features/train/r{round_}") for _ in range(6)]
-        barrier = threading.Barrier(len(racers))
-        won = []
-
-        def go(lease):
-            barrier.wait()
-            if lease.acquire():
-                won.append(lease)
-
-        threads = [threading.Thread(target=go, args=(lease,)) for lease in racers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = race_for_lease(zs, f"features/train/r{round_}", 6)
         assert len(won) == 1
         won[0].release()
 
