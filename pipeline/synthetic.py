@@ -7,17 +7,13 @@ DatasetDict with a single ``train`` split. The class signal is described in docs
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
-from datasets.arrow_writer import ArrowWriter
 
 from .errors import PipelineError
+from .loraws import LoraModule, matrix_column, write_dataset
 
 CLASSES = ("airplane", "bird", "car", "cat", "dog", "fish", "fruit", "ship", "snake", "vegetable")
 CLASS_MEMBERS = {
@@ -52,11 +48,7 @@ MODULE_JITTER = 0.1  # log-normal spread of each adapter's own per-module scale,
 _BATCH = 256  # rows generated at once; fixed so the data do not depend on memory
 
 
-@dataclass(frozen=True)
-class SynthModule:
-    name: str  # e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
-    in_features: int
-    out_features: int
+SynthModule = LoraModule  # the name this module used before the format moved to loraws.py
 
 
 def sd15_modules(projections: tuple[str, ...] = ("q", "v")) -> list[SynthModule]:
@@ -85,13 +77,6 @@ def _class_structure(modules: list[SynthModule]):
     return scales.astype(np.float32), directions
 
 
-def _matrix_column(values: np.ndarray) -> pa.Array:
-    """(n, rows, cols) float -> list<list<float>> without a Python loop."""
-    n, rows, cols = values.shape
-    inner = pa.ListArray.from_arrays(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32), pa.array(values.reshape(-1)))
-    return pa.ListArray.from_arrays(np.arange(0, n * rows + 1, rows, dtype=np.int32), inner)
-
-
 def _batch(start: int, n: int, seed: int, rank: int, modules, scales, directions) -> pa.Table:
     rng = np.random.default_rng([seed, start // _BATCH])
     label = rng.integers(0, len(CLASSES), n)
@@ -108,25 +93,14 @@ def _batch(start: int, n: int, seed: int, rank: int, modules, scales, directions
         signal = directions[m][label][:, :, None] * mix * strength[:, None, None].astype(np.float32)
         sigma = (1e-3 * scales[label, m] * global_scale * jitter[:, m]).astype(np.float32)[:, None, None]
         up = sigma * (noise + signal)
-        columns[f"{module.name}.lora.down.weight"] = _matrix_column(down)
-        columns[f"{module.name}.lora.up.weight"] = _matrix_column(up.astype(np.float32))
+        columns[module.down] = matrix_column(down)
+        columns[module.up] = matrix_column(up.astype(np.float32))
     names = [CLASSES[i] for i in label]
     columns["category_label"] = pa.array(names)
     columns["category_name"] = pa.array([CLASS_MEMBERS[c][k] for c, k in zip(names, member)])
     columns["num_images"] = pa.array(num_images.astype(np.int64))
     columns["rank"] = pa.array(np.full(n, rank, dtype=np.int64))
     return pa.table(columns)
-
-
-def features_for(modules: list[SynthModule]) -> datasets.Features:
-    matrix = datasets.List(datasets.List(datasets.Value("float32")))
-    features = {}
-    for module in modules:
-        features[f"{module.name}.lora.down.weight"] = matrix
-        features[f"{module.name}.lora.up.weight"] = matrix
-    features.update(category_label=datasets.Value("string"), category_name=datasets.Value("string"),
-                    num_images=datasets.Value("int64"), rank=datasets.Value("int64"))
-    return datasets.Features(features)
 
 
 def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=("q", "v"), seed: int = 0, progress=None) -> Path:
@@ -143,47 +117,17 @@ def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=(
         raise PipelineError(f"{out} already exists; choose another --out or remove it")
     modules = sd15_modules(tuple(projections))
     scales, directions = _class_structure(modules)
-    features = features_for(modules)
-    work = out.parent / f".{out.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    split_dir = work / "train"
-    split_dir.mkdir(parents=True)
-    try:
-        starts = list(range(0, n, _BATCH))
-        per_shard = max(1, _SHARD_BYTES // (_BATCH * _row_bytes(modules, rank)))  # batches per shard
-        shards = [starts[i:i + per_shard] for i in range(0, len(starts), per_shard)]
-        names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
-        for name, batch_starts in zip(names, shards):
-            with ArrowWriter(features=features, path=str(split_dir / name)) as writer:
-                for start in batch_starts:
-                    writer.write_table(_batch(start, min(_BATCH, n - start), seed, rank, modules, scales, directions))
-                    if progress:
-                        progress(min(_BATCH, n - start))
-                writer.finalize()
-        _write_split_json(split_dir, names, features, fingerprint=f"synth-v{SYNTH_VERSION}-n{n}-r{rank}-{''.join(projections)}-s{seed}")
-        (work / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
-        work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    starts = range(0, n, _BATCH)
 
+    def batches():
+        for start in starts:
+            table = _batch(start, min(_BATCH, n - start), seed, rank, modules, scales, directions)
+            if progress:
+                progress(table.num_rows)
+            yield table
 
-_SHARD_BYTES = 500 * 2**20  # save_to_disk's default shard size
-
-
-def _row_bytes(modules: list[SynthModule], rank: int) -> int:
-    """Bytes of one adapter's matrices as float32 (the bulk of a row)."""
-    return 4 * rank * sum(m.in_features + m.out_features for m in modules)
-
-
-def _write_split_json(split_dir: Path, data_files: list[str], features: datasets.Features, fingerprint: str) -> None:
-    """The two JSON files ``Dataset.save_to_disk`` writes beside its shards, with the same keys."""
-    state = {"_data_files": [{"filename": name} for name in data_files], "_fingerprint": fingerprint,
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": None}
-    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    info = asdict(datasets.DatasetInfo(features=features))
-    (split_dir / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
+    fingerprint = f"synth-v{SYNTH_VERSION}-n{n}-r{rank}-{''.join(projections)}-s{seed}"
+    return write_dataset(out, batches(), len(starts), _BATCH, modules, rank, fingerprint)
 
 
 BUILTIN = {"n": 1000, "rank": 1, "projections": ("q", "v"), "seed": 0}

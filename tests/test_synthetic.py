@@ -95,22 +95,22 @@ def test_refuses_existing_output_and_bad_arguments(tmp_path):
 
 def test_shards_in_save_to_disk_layout_equal_one_file(tmp_path, monkeypatch):
     """Written straight as save_to_disk shards: several shards hold the same rows as one file."""
-    import pipeline.synthetic as synthetic
+    import pipeline.loraws as loraws
 
     one = datasets.load_from_disk(str(write_synthetic(tmp_path / "one", n=300, projections=("q",), seed=2)))["train"]
-    monkeypatch.setattr(synthetic, "_SHARD_BYTES", 1)  # one _BATCH per shard
+    monkeypatch.setattr(loraws, "SHARD_BYTES", 1)  # one _BATCH per shard
     many = datasets.load_from_disk(str(write_synthetic(tmp_path / "many", n=300, projections=("q",), seed=2)))["train"]
     assert [f["filename"].rsplit("/", 1)[1] for f in many.cache_files] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
     assert many.features == one.features and many.data.equals(one.data)
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_mapped_table_is_the_dataset_table(tmp_path, monkeypatch):
     """arrowio.mapped_table reopens the files as one table, equal to the dataset's own, and falls back when it must."""
-    import pipeline.synthetic as synthetic
+    import pipeline.loraws as loraws
     from pipeline.arrowio import mapped_table
 
-    monkeypatch.setattr(synthetic, "_SHARD_BYTES", 1)
+    monkeypatch.setattr(loraws, "SHARD_BYTES", 1)
     ds = datasets.load_from_disk(str(write_synthetic(tmp_path / "s", n=300, projections=("q",), seed=2)))["train"]
     fresh = mapped_table(ds)
     assert fresh is not ds.data and fresh.equals(ds.data.table)
