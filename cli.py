@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -83,6 +84,11 @@ def materialize(store, source, labels_csv, layers, labels, split_seed, test_size
     from pipeline.store import default_store
     from pipeline.synthetic import builtin_dataset
 
+    if source and source.startswith("zoo:"):  # build it here, with progress bars, if it is not built yet
+        from pipeline.zoo import builtin_zoo
+
+        with _zoo_progress(quiet) as bars:
+            builtin_zoo(source, progress=bars)
     config = MaterializeConfig(
         store=store or default_store(), source=source or str(builtin_dataset(quiet=quiet)), labels_csv=labels_csv,
         layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
@@ -94,6 +100,49 @@ def materialize(store, source, labels_csv, layers, labels, split_seed, test_size
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "
                    f"already complete; {summary.bytes_written / 1e6:.0f} MB in {summary.seconds:.1f} s ({rate:.0f} MB/s)")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (save_to_disk format, like synth's).")
+@click.option("--n", default=500, show_default=True, help="Number of adapters.")
+@click.option("--rank", default=1, show_default=True)
+@click.option("--steps", default=200, show_default=True, help="Fine-tuning steps per adapter.")
+@click.option("--lr", default=None, type=float, help="Fine-tuning learning rate (default: ZooConfig.lr, see docs/zoo.md).")
+@click.option("--seed", default=0, show_default=True, help="Varies the adapters (labels, images, LoRA init, noise), not the base model.")
+@click.option("--workers", type=int, default=None, help="Local dask worker processes (default: one per core; 0: in this process, no dask).")
+@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
+@click.option("--quiet", is_flag=True)
+def zoo(out, n, rank, steps, lr, seed, workers, scheduler, quiet):
+    """Build a LoRA dataset by really fine-tuning a miniature SD UNet on 8x8 digits (offline, resumable)."""
+    import time
+
+    from pipeline.zoo import ZooConfig, build_zoo
+
+    config = ZooConfig(n=n, rank=rank, steps=steps, seed=seed, **({"lr": lr} if lr is not None else {}))
+    started = time.perf_counter()
+    with _zoo_progress(quiet) as bars:
+        path = build_zoo(out, config, workers=workers, scheduler=scheduler, progress=bars)
+    if not quiet:
+        click.echo(f"wrote {n} trained adapters to {path} in {time.perf_counter() - started:.0f} s (settings and losses: {path}/zoo.json)")
+
+
+@contextlib.contextmanager
+def _zoo_progress(quiet: bool):
+    """A ``progress(stage, total)`` for build_zoo: one tqdm bar per stage (base training, adapters), closed at the end."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def make(stage: str, total: int):
+        unit = {"base": "step"}.get(stage, "adapter")
+        bars.append(tqdm(total=total, unit=unit, desc=f"zoo {stage}", disable=quiet, file=sys.stderr, dynamic_ncols=True))
+        return bars[-1].update
+
+    try:
+        yield make
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _say_waiting(what: str, holder) -> None:

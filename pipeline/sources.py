@@ -1,7 +1,8 @@
 """Open a LoRA dataset from where researchers keep it, as HuggingFace datasets plus a fingerprint.
 
 Accepted: a local ``save_to_disk`` folder (Dataset or DatasetDict); a folder or glob of parquet or
-arrow files; a folder of ``.safetensors`` adapters with a labels CSV; a hub dataset id.
+arrow files; a folder of ``.safetensors`` adapters with a labels CSV; a hub dataset id; ``zoo:digits``
+(the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Source:
     """An opened source: its splits as datasets (memory-mapped Arrow tables) and what identifies it."""
 
     uri: str
-    kind: str  # save_to_disk | files | safetensors | hub
+    kind: str  # save_to_disk | files | safetensors | hub | zoo
     splits: dict[str, datasets.Dataset]
     fingerprint: str
 
@@ -55,6 +56,11 @@ def _as_splits(loaded) -> dict[str, datasets.Dataset]:
 
 def open_source(uri: str, labels_csv: str | None = None) -> Source:
     """Open ``uri``; see the module docstring for what it may be."""
+    if uri.startswith("zoo:"):
+        from .zoo import builtin_zoo
+
+        splits = _as_splits(datasets.load_from_disk(str(builtin_zoo(uri))))
+        return Source(uri, "zoo", splits, _fingerprint_of(splits, "save_to_disk"))
     path = Path(uri).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         splits = _as_splits(datasets.load_from_disk(str(path)))
