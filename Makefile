@@ -6,7 +6,7 @@ STORE ?= stores/demo.zarr
 DEMO_RUNS ?= 2
 DEMO_LAYERS ?= all,visual
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench zoo clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ demo: setup
 	$(BIN)/pipeline features --store $(STORE) --rep all
 	$(BIN)/pipeline train --store $(STORE) --rep all --layers $(DEMO_LAYERS) --runs $(DEMO_RUNS) --quiet
 	$(BIN)/pipeline report --store $(STORE)
+
+# the trained zoo (500 adapters fine-tuned here, built once: ~30 min on 2 cores) and the full ablation on it (docs/zoo.md)
+ZOO_STORE ?= stores/zoo.zarr
+zoo: setup
+	$(BIN)/pipeline materialize --source zoo:digits --store $(ZOO_STORE)
+	$(BIN)/pipeline features --store $(ZOO_STORE) --rep all
+	$(BIN)/pipeline train --store $(ZOO_STORE) --rep all --layers all,visual,text --runs 10 --quiet
+	$(BIN)/pipeline report --store $(ZOO_STORE)
 
 test: setup
 	$(BIN)/python -m pytest -q
