@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import datasets
@@ -323,6 +325,32 @@ def test_each_column_read_once_per_split(tmp_path, synth_dir, synth_ds, monkeypa
     for split, rows in zip(("train", "val", "test"), split_rows):
         for m in root.attrs["modules"]:
             np.testing.assert_array_equal(root[f"raw/{split}/{m['key']}/B"][...], source_matrix(synth_ds, m["up"], rows))
+
+
+def test_no_batch_outlives_its_write_without_the_cyclic_gc(tmp_path, synth_dir, monkeypatch):
+    """Reference counting frees every batch: nothing leaves one in a reference cycle.
+
+    A cycle holding a frame of the copy loop keeps that frame's last batch until Python's cyclic
+    GC runs, which may be many modules later: at 50k adapters such batches took the peak memory well
+    beyond --memory (docs/performance.md).
+    """
+    batches = []
+    real_gather = MATERIALIZE.arrowio.gather
+
+    def tracked_gather(*args):
+        values = real_gather(*args)
+        batches.append(weakref.ref(values))
+        return values
+
+    monkeypatch.setattr(MATERIALIZE.arrowio, "gather", tracked_gather)
+    gc.collect()
+    gc.disable()
+    try:
+        materialize_to(tmp_path / "s.zarr", synth_dir, layers=SMALL_LAYERS, memory=48 * 1024, chunk_mb=0.01)
+        alive = sum(ref() is not None for ref in batches)
+    finally:
+        gc.enable()
+    assert len(batches) > 8 and alive == 0, f"{alive} of {len(batches)} batches still alive"
 
 
 # --- rerun and resume -------------------------------------------------------------------------------
