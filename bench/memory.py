@@ -9,7 +9,7 @@ exposed two stages that did:
   (few epochs; the final evaluation is the same size as in a full one) on an existing store.
 - materialize (1.9 GiB with --memory 1GiB): zarr's sync() raises a missing node's KeyError from a
   local variable, a reference cycle that held the copy loop's frame, and so each module's last
-  batch, until Python's cyclic GC ran. Fixed (store._member): 1.53 GiB before, 0.62 after.
+  batch, until Python's cyclic GC ran. Fixed (store.member): 1.53 GiB before, 0.62 after.
   `materialize` here writes a new store from DATASET (removed afterwards).
 Each runs with the code of REV (a temporary git worktree) and with this tree, each in its own process
 measured by bench/_measure.py; the peak RssAnon (and VmRSS, which also counts mapped file pages) of

@@ -24,7 +24,10 @@ def client_for(scheduler: str | None, workers: int | None):
     if address:
         return Client(address), None
     if workers:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # Workers' own logs off too: a task's failure still arrives as its exception, and at close a
+        # worker whose heartbeat meets the closed scheduler would print a traceback (seen under load).
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.CRITICAL)
     else:
         cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=None)
     return Client(cluster), cluster

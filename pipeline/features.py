@@ -181,10 +181,10 @@ def _stamp(rep, fingerprint: str) -> dict:
 
 def rep_state(features: zarr.Group, rep, fingerprint: str) -> str:
     """'fresh' (complete and up to date), 'partial' (same spec, unfinished) or 'stale' (absent or different)."""
-    try:
-        attrs = features[rep.name].attrs.asdict()
-    except KeyError:
+    node = store.member(features, rep.name)
+    if node is None:
         return "stale"
+    attrs = node.attrs.asdict()
     if attrs.get("spec_hash") != rep.spec_hash() or attrs.get("source_fingerprint") != fingerprint:
         return "stale"
     return "fresh" if attrs.get("complete") else "partial"

@@ -32,9 +32,8 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
     fingerprint = attrs["source"]["fingerprint"]
     out: dict = {}
     for split in attrs["splits"]:
-        try:
-            features = root[f"features/{split}"]
-        except KeyError:
+        features = store.member(root, f"features/{split}")
+        if features is None:
             continue
         for name in sorted(k for k in features.array_keys() if k not in ("layer", "module")):
             array = features[name]

@@ -287,7 +287,7 @@ def writable_target(location: str, output: str | None) -> str:
     return output
 
 
-def _member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
+def member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
     """The node at ``path``, or None, leaving no reference cycle behind.
 
     zarr's ``sync`` raises a missing node's KeyError from a local variable, so the exception, its
@@ -304,7 +304,7 @@ def _member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:
-    node = _member(root, path)
+    node = member(root, path)
     return node is not None and bool(node.attrs.get("complete", False))
 
 
@@ -330,7 +330,7 @@ def mark_incomplete(root: zarr.Group, path: str) -> None:
 
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
     """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
-    existing = _member(root, path)
+    existing = member(root, path)
     if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
             and existing.dtype == np.dtype(dtype):
         return existing

@@ -250,10 +250,9 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
     for split in SPLITS:
         leases.wait_for(root.store, f"features/{split}/{name}",
                         on_wait=(lambda holder, split=split: on_wait(split, holder)) if on_wait else None)
-        try:
-            group = root[f"features/{split}"]
-        except KeyError:
-            raise PipelineError(f"representation {name!r} is not computed yet; {fix}") from None
+        group = store.member(root, f"features/{split}")
+        if group is None:
+            raise PipelineError(f"representation {name!r} is not computed yet; {fix}")
         state = rep_state(group, rep, fingerprint)
         if state != "fresh":
             what = {"partial": "only partly computed", "stale": "not computed yet or stale"}[state]
