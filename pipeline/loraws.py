@@ -2,7 +2,7 @@
 
 One row per adapter: a ``list<list<float32>>`` column per safetensors key (``<module>.lora.down.weight``
 (rank, in) and ``<module>.lora.up.weight`` (out, rank)), then ``category_label``, ``category_name``,
-``num_images`` and ``rank``. ``pipeline synth`` and ``pipeline zoo`` both write it through ``write_split``,
+``num_images`` and ``rank``. ``pipeline synth`` and ``pipeline zoo`` both write it through ``write_dataset``,
 so their datasets are column for column alike.
 """
 

@@ -48,10 +48,7 @@ MODULE_JITTER = 0.1  # log-normal spread of each adapter's own per-module scale,
 _BATCH = 256  # rows generated at once; fixed so the data do not depend on memory
 
 
-SynthModule = LoraModule  # the name this module used before the format moved to loraws.py
-
-
-def sd15_modules(projections: tuple[str, ...] = ("q", "v")) -> list[SynthModule]:
+def sd15_modules(projections: tuple[str, ...] = ("q", "v")) -> list[LoraModule]:
     """The SD-1.5 attention LoRA modules for the given projections, with real names and shapes."""
     unknown = sorted(set(projections) - set(PROJECTIONS))
     if unknown:
@@ -62,11 +59,11 @@ def sd15_modules(projections: tuple[str, ...] = ("q", "v")) -> list[SynthModule]
             for short in projections:
                 cross = attn == "attn2" and short in ("k", "v")
                 name = f"unet.{block}.transformer_blocks.0.{attn}.{PROJECTIONS[short]}"
-                modules.append(SynthModule(name, CROSS_DIM if cross else width, width))
+                modules.append(LoraModule(name, CROSS_DIM if cross else width, width))
     return sorted(modules, key=lambda m: m.name)
 
 
-def _class_structure(modules: list[SynthModule]):
+def _class_structure(modules: list[LoraModule]):
     """Per class and module: a scale of B and a unit direction in B's output space."""
     rng = np.random.default_rng(WORLD_SEED)
     scales = np.exp(SCALE_SPREAD * rng.standard_normal((len(CLASSES), len(modules))))

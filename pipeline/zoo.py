@@ -284,11 +284,19 @@ def _save_adapter(folder: Path, adapter: Adapter) -> None:
     os.replace(partial, path)
 
 
-def _load_adapter(path: Path) -> Adapter:
+def _adapter_meta(path: Path) -> dict:
+    """An adapter file's label, image count, losses and seconds: its header only, no tensor is read."""
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as f:
-        meta = json.loads(f.metadata()["adapter"])
+        return json.loads(f.metadata()["adapter"])
+
+
+def _load_adapter(path: Path) -> Adapter:
+    from safetensors import safe_open
+
+    meta = _adapter_meta(path)
+    with safe_open(str(path), "np") as f:
         modules = sorted({key.rsplit(".lora.", 1)[0] for key in f.keys()})
         matrices = {m: (f.get_tensor(f"{m}.lora.down.weight"), f.get_tensor(f"{m}.lora.up.weight")) for m in modules}
     return Adapter(int(path.stem), meta["label"], meta["num_images"], matrices, meta["loss_before"], meta["loss_after"],
@@ -362,13 +370,13 @@ def _summary(config: ZooConfig, adapters: list[Path], base_summary: dict, second
     import peft
     import torch
 
-    meta = [_load_adapter(path) for path in adapters]
+    meta = [_adapter_meta(path) for path in adapters]  # the tensors were read once, by _tables
     return {
         "format": "lora-ws", "zoo_version": ZOO_VERSION, "config": asdict(config), "unet": UNET, "base": base_summary,
         "recipe": {"lora": {"r": config.rank, "lora_alpha": config.rank, "init_lora_weights": "gaussian",
                             "target_modules": ["to_q", "to_v"]}, "optimizer": "AdamW", "lr": config.lr,
                    "steps": config.steps, "batch": "all of the adapter's images (4-16)", "loss": "DDPM noise MSE"},
-        "adapters": {key: [getattr(a, key) for a in meta] for key in ("label", "num_images", "loss_before", "loss_after", "seconds")},
+        "adapters": {key: [m[key] for m in meta] for key in ("label", "num_images", "loss_before", "loss_after", "seconds")},
         "build_seconds_this_run": seconds,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
