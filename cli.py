@@ -76,27 +76,33 @@ def synth(out, n, rank, modules, seed, quiet):
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout.")
 @click.option("--quiet", is_flag=True)
-def materialize(store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
+@click.pass_context
+def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
                 allow_nonfinite, overwrite, quiet):
-    """Read each layer once per split into one chunked Zarr store."""
-    from pipeline import progress
-    from pipeline.materialize import MaterializeConfig, materialize as run
-    from pipeline.store import default_store
-    from pipeline.synthetic import builtin_dataset
+    """Read each layer once per split into one chunked Zarr store.
 
-    if source and source.startswith("zoo:"):  # build it here, with progress bars, if it is not built yet
+    On an existing store, the options it was made with are used for those not given here: so
+    `pipeline materialize --store S` alone resumes, or repairs, S exactly as it was made.
+    """
+    from pipeline import progress
+    from pipeline.materialize import materialize as run, resume_config
+    from pipeline.store import default_store
+
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE and name != "store"}
+    if "memory" in given:
+        given["memory"] = parse_size(memory)
+    if "labels" in given:
+        given["labels"] = tuple(labels)
+    config = resume_config(store or default_store(), given)
+    if config.source and config.source.startswith("zoo:"):  # build it here, with progress bars, if it is not built yet
         from pipeline.zoo import builtin_zoo
 
         with _zoo_progress(quiet) as bars:
-            builtin_zoo(source, progress=bars)
-    config = MaterializeConfig(
-        store=store or default_store(), source=source or str(builtin_dataset(quiet=quiet)), labels_csv=labels_csv,
-        layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
-        memory=parse_size(memory), chunk_mb=chunk_mb, codec=codec, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
-    )
-    summary = run(config, progress=progress.factory("materialize", quiet),
-                  on_wait=None if quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
-    if not quiet:
+            builtin_zoo(config.source, progress=bars)
+    summary = run(config, progress=progress.factory("materialize", config.quiet),
+                  on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
+    if not config.quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "
                    f"already complete; {summary.bytes_written / 1e6:.0f} MB in {summary.seconds:.1f} s ({rate:.0f} MB/s)")

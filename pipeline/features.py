@@ -22,6 +22,7 @@ from zarr.errors import ContainsArrayError
 
 from . import __version__, leases, representations, store
 from . import cluster as cluster_mod
+from .commands import quoted
 from .errors import PipelineError
 
 
@@ -160,7 +161,7 @@ def _check_materialized(root: zarr.Group, path: str, attrs: dict, splits: list[s
     missing = [f"raw/{s}/{m['key']}" for s in splits for m in attrs["modules"] if not store.group_complete(root, f"raw/{s}/{m['key']}")]
     if missing:
         raise PipelineError(f"store {path} has incomplete materialized data ({len(missing)} groups, e.g. {missing[0]}); "
-                            f"run `pipeline materialize --store {path}` to finish it")
+                            f"run {quoted('materialize', path)} to finish it")
 
 
 def _splits(attrs: dict, wanted: str) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +179,36 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
 # --- the store's description --------------------------------------------------------------------------
 
 
+def recorded_config(config: MaterializeConfig) -> dict:
+    """The options a store records, to be resumed by ``materialize --store S`` alone (local paths made absolute)."""
+    recorded = {k: v for k, v in asdict(config).items() if k not in ("store", "overwrite", "quiet")}
+    for name in ("source", "labels_csv"):
+        value = recorded[name]
+        if value and "://" not in value and not value.startswith("zoo:") and Path(value).expanduser().exists():
+            recorded[name] = str(Path(value).expanduser().resolve())
+    return recorded
+
+
+def resume_config(location: str, given: dict) -> MaterializeConfig:
+    """The config of ``materialize --store S [given options]``.
+
+    On an existing store of ours (not --overwrite) it starts from the options the store was made
+    with, or from those of the replacement an interrupted ``--overwrite`` recorded, so that
+    ``materialize --store S`` alone resumes or repairs it exactly; ``given`` (the options on the
+    command line) override them. Otherwise the defaults (``source`` None: the built-in dataset).
+    """
+    base: dict = {}
+    if not given.get("overwrite") and store.check_usable(location) != "absent":
+        attrs = store._root_attrs(location) or store.root_copy(location) or {}
+        base = (attrs.get("replacing") or {}).get("materialize_config") or attrs.get("materialize_config") or {}
+        if "labels" in base:
+            base = {**base, "labels": tuple(base["labels"])}
+    known = {f.name for f in fields(MaterializeConfig)}
+    return MaterializeConfig(**{k: v for k, v in {**base, **given}.items() if k in known}, store=location)
+
+
 def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
+    keys = store.label_keys(p.labels)
     modules, layers = [], []
     for m in p.modules:
         modules.append({
@@ -196,31 +225,46 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
         "modules": modules,
         "layers": sorted(layers, key=lambda layer: layer["name"]),
         "splits": {s.name: {"n": len(s.rows), "source_split": s.source_split} for s in p.splits},
-        "labels": p.labels,
+        "labels": {name: {**info, "key": keys[name]} for name, info in p.labels.items()},
         "id_column": p.id_column,
         "ignored_columns": p.ignored,
         "chunk_models": p.chunk_models,
-        "materialize_config": {k: v for k, v in asdict(config).items() if k not in ("overwrite", "quiet")},
+        "materialize_config": recorded_config(config),
         "created": store.provenance(),
     }
 
 
 def _open_or_create(config: MaterializeConfig, p: Plan):
+    """The store to fill: this one resumed, its lost root restored, or a new one (``--overwrite``: replaced crash-safely)."""
     state = store.check_usable(config.store)
+    if state == "damaged" and store.restore_root(config.store):
+        state = "ours"  # the root zarr.json came back from its copy in index/
+    if state == "damaged" and not config.overwrite:
+        raise PipelineError(store.damaged_message(config.store))
     if state == "ours":
-        root = store.open_root(config.store, mode="r+")
-        attrs = root.attrs.asdict()
+        attrs = store._root_attrs(config.store)
+        if attrs.get("replacing"):  # an interrupted --overwrite: finish it, with the options it recorded
+            return _replace(config, p)
+        store.check_schema(config.store, attrs.get("schema_version"))
         same_source = attrs.get("source", {}).get("fingerprint") == p.source.fingerprint
         same_layout = attrs.get("layout") == p.layout
-        if same_source and same_layout:
-            return root
+        if same_source and same_layout:  # resume (with --overwrite too: nothing would change)
+            return store.open_root(config.store, mode="r+")
         if not config.overwrite:
             what = "a different source" if not same_source else "different layers, splits or chunking"
             raise PipelineError(
                 f"store {config.store} was made from {what} ({attrs.get('source', {}).get('uri')}); "
-                "rerun with --overwrite to replace it, or choose another --store"
+                "rerun with --overwrite to replace it (its features and runs are deleted), or choose another --store"
             )
-        store.clear(config.store)
+    if state != "absent":
+        return _replace(config, p)
+    return store.create_root(config.store, _root_attrs(p, config))
+
+
+def _replace(config: MaterializeConfig, p: Plan):
+    """--overwrite in three steps, each safe to be killed after: mark, clear, write the new root."""
+    store.begin_replacing(config.store, recorded_config(config))
+    store.clear(config.store)
     return store.create_root(config.store, _root_attrs(p, config))
 
 
@@ -298,19 +342,23 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
 
 
 def _write_labels(root, p: Plan, split: SplitPlan) -> None:
-    path = f"labels/{split.name}"
+    """labels/<split>: one array per label column, under its own key; index/<split>: where each row came from."""
     table = p.source.splits[split.source_split].data
     n = len(split.rows)
     take = pa.array(split.rows)
-    store.require_array(root, f"{path}/row", (n,), (max(n, 1),), "int64", ("model",),
+    index = store.index_path(root, split.name)
+    store.require_array(root, f"{index}/row", (n,), (max(n, 1),), "int64", ("model",),
                         attrs={"description": f"row index in source split {split.source_split!r}"})[:] = split.rows
     if p.id_column:
         ids = table.column(p.id_column).take(take).to_numpy(zero_copy_only=False).astype(str)
-        root.create_array(f"{path}/model_id", shape=(n,), dtype=str, dimension_names=("model",), compressors=store.small_compressors(),
+        root.create_array(f"{index}/model_id", shape=(n,), dtype=str, dimension_names=("model",), compressors=store.small_compressors(),
                           attributes={"column": p.id_column}, overwrite=True)[:] = ids
+    store.mark_complete(root, index)
+    keys = store.label_keys(p.labels)
+    path = f"labels/{split.name}"
+    root.require_group(path)
     for name, info in p.labels.items():
         values = table.column(name).take(take)
-        key = safe_key(name)
         if info["kind"] == "categorical":
             text = values.cast(pa.string()).to_numpy(zero_copy_only=False)
             known = np.array([v is not None for v in text])
@@ -323,7 +371,7 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
             if values.null_count:
                 raise PipelineError(f"label {name!r} has missing values in split {split.name!r}; fill them or drop the column")
             data, attrs = values.to_numpy(zero_copy_only=False).astype(np.int64), {}
-        store.require_array(root, f"{path}/{key}", (n,), (max(n, 1),), data.dtype, ("model",),
+        store.require_array(root, f"{path}/{keys[name]}", (n,), (max(n, 1),), data.dtype, ("model",),
                             attrs={"column": name, "kind": info["kind"], **attrs})[:] = data
     store.mark_complete(root, path)
 
@@ -344,6 +392,10 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
     finds the layers done and skips them.
     """
     started = time.perf_counter()
+    if source is None and config.source is None:
+        from .synthetic import builtin_dataset
+
+        config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
     source = source or open_source(config.source, config.labels_csv)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it

@@ -6,9 +6,12 @@ Layout (docs/store-format.md is the spec):
   raw/<split>/<module>/B          (model, out, rank)
   raw/<split>/<module>/rank       (model,) true rank per adapter, only when ranks vary (zero padding beyond it)
   raw/<split>/<module>/alpha      (model,) LoRA alpha per adapter, only when it varies between adapters
-  labels/<split>/<name>           (model,) integer codes (attrs: classes), integers or floats
-  labels/<split>/row              (model,) row index in the source split;  model_id when the source names models
+  labels/<split>/<key>            (model,) one label column: integer codes (attrs: classes), integers or floats
+  index/<split>/row               (model,) row index in the source split;  model_id when the source names models
+  index/zarr.json                 attrs: a copy of the root attrs, to restore a lost root zarr.json
 A group is complete when its attrs say ``complete: true``; that mark is written after its arrays.
+Labels and the store's own bookkeeping (``index/``) never share a group: a label column may be named
+anything, ``row`` and ``model_id`` included. Schema 1 kept the bookkeeping in ``labels/<split>``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from .commands import quoted
 from .errors import PipelineError
+from .layers import safe_key
 
 FORMAT = "weightspace-pipeline-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bookkeeping in index/ (it shared labels/ in 1), a copy of the root attrs
+INDEX = "index"  # index/<split>/row, index/<split>/model_id; its attrs hold the copy of the root attrs
 DEFAULT_STORE = "stores/default.zarr"
 LEASES = "_leases"  # who is computing what: pipeline/leases.py
 
@@ -111,18 +117,28 @@ def _keys(zstore: Store, prefix: str = "") -> list[str]:
     return sync(collect())
 
 
-def _root_attrs(location: str | Path) -> dict | None:
-    if not is_url(location):
-        meta = local_path(location) / "zarr.json"
-        if not meta.is_file():
-            return None
-    raw = _get(zarr_store(location, read_only=True), "zarr.json")
+def _json_attrs(location: str | Path, key: str) -> dict | None:
+    """The attributes of the zarr.json at ``key``, or None when it is absent or not a JSON object."""
+    if not is_url(location) and not (local_path(location) / key).is_file():
+        return None
+    raw = _get(zarr_store(location, read_only=True), key)
     if raw is None:
         return None
     try:
-        return json.loads(raw).get("attributes", {})
-    except ValueError:
+        attrs = json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError):
         return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _root_attrs(location: str | Path) -> dict | None:
+    return _json_attrs(location, "zarr.json")
+
+
+def root_copy(location: str | Path) -> dict | None:
+    """The copy of the root attrs kept in ``index/zarr.json`` (schema 2), or None."""
+    copy = (_json_attrs(location, f"{INDEX}/zarr.json") or {}).get("root")
+    return copy if isinstance(copy, dict) and copy.get("format") == FORMAT else None
 
 
 def is_ours(location: str | Path) -> bool:
@@ -130,11 +146,57 @@ def is_ours(location: str | Path) -> bool:
     return bool(attrs) and attrs.get("format") == FORMAT
 
 
+_OUR_GROUPS = ("raw", "labels", INDEX, "features", "runs")
+
+
+def is_damaged_ours(location: str | Path) -> bool:
+    """Recognisably one of our stores, but its root zarr.json is lost or unreadable.
+
+    Either it has the copy of the root attrs (schema 2), or our top-level groups (a store of schema 1,
+    or one whose replacement by an older version was killed after the root went and before the rest).
+    """
+    if is_ours(location):
+        return False
+    if root_copy(location) is not None:
+        return True
+    return any(_json_attrs(location, f"{name}/zarr.json") is not None for name in _OUR_GROUPS)
+
+
+def damaged_message(location: str | Path) -> str:
+    """What to do with a store whose root metadata is lost: restore it from its copy, or rebuild."""
+    if root_copy(location) is not None:
+        return (f"store {location} has lost its root metadata (zarr.json missing or unreadable); restore it from its "
+                f"copy with {quoted('verify', location, '--repair')} (nothing else is lost)")
+    return (f"store {location} has lost its root metadata (zarr.json missing or unreadable) and holds no copy of it; "
+            f"rebuild it with {quoted('materialize', location, '--source', 'SOURCE', '--overwrite')} (features and runs are lost)")
+
+
+def restore_root(location: str | Path) -> bool:
+    """Write the root zarr.json back from its copy; False when there is no copy."""
+    copy = root_copy(location)
+    if copy is None:
+        return False
+    _write_root(location, copy)
+    return True
+
+
+def _write_root(location: str | Path, attrs: dict) -> None:
+    """Replace the root zarr.json in one write (the store's set is atomic: a temporary file, then a rename)."""
+    document = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    buffer = default_buffer_prototype().buffer.from_bytes(json.dumps(document, indent=2).encode())
+    sync(zarr_store(location).set("zarr.json", buffer))
+
+
 def check_usable(location: str | Path) -> str:
-    """'absent', 'ours' or raise: the location must be free, an empty folder, or one of our stores."""
+    """'absent', 'ours', 'damaged' (ours, root metadata lost: see is_damaged_ours) or raise.
+
+    The location must be free, an empty folder, or one of our stores.
+    """
     if is_url(location):
         if is_ours(location):
             return "ours"
+        if is_damaged_ours(location):
+            return "damaged"
         try:
             keys = _keys(zarr_store(location, read_only=True))
         except OSError as exc:
@@ -149,6 +211,8 @@ def check_usable(location: str | Path) -> str:
         raise PipelineError(f"store path {path} exists and is a file, not a store; choose another --store")
     if is_ours(path):
         return "ours"
+    if is_damaged_ours(path):
+        return "damaged"
     if any(child.name != LEASES for child in path.iterdir()):  # a lease alone: a materialize starting there
         raise PipelineError(f"store path {path} exists and is not one of our stores; choose another --store (nothing was changed)")
     return "absent"
@@ -208,31 +272,92 @@ def check_schema(path: str | Path, version) -> None:
 def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
     """An existing store of ours, read-only ("r") or for updating ("r+"), of a schema this code reads.
 
-    Schema 1 is the first; when a schema 2 comes, stores of schema 1 are migrated here, on open.
+    Schema 1 stores are read as they are: ``index_path`` finds their bookkeeping in ``labels/``.
     """
     attrs = _root_attrs(path)
     if not attrs or attrs.get("format") != FORMAT:
-        raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
+        if is_damaged_ours(path):
+            raise PipelineError(damaged_message(path))
+        if not is_url(path) and local_path(path).is_file():
+            raise PipelineError(f"{path} is a file, not a pipeline store; pass the store's folder as --store")
+        raise PipelineError(f"{path} is not a pipeline store; make one with {quoted('materialize', path, '--source', 'SOURCE')}")
     check_schema(path, attrs.get("schema_version"))
+    if attrs.get("replacing"):
+        raise PipelineError(f"store {path} is being replaced (a `materialize --overwrite` was interrupted, or is running); "
+                            f"run {quoted('materialize', path)} to finish it")
     return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
+def index_path(root: zarr.Group, split: str, name: str = "") -> str:
+    """Where a split's bookkeeping arrays (``row``, ``model_id``) are: ``index/<split>``, or ``labels/<split>`` in schema 1."""
+    group = f"{INDEX}/{split}" if root.attrs.get("schema_version", 1) >= 2 else f"labels/{split}"
+    return f"{group}/{name}" if name else group
+
+
+def label_keys(names) -> dict[str, str]:
+    """Label column name -> its node under ``labels/<split>``: distinct for distinct names.
+
+    A name that is already a safe key keeps it; any other gets its safe form, with ``-2``, ``-3``...
+    when that is taken, so that ``a b`` and ``a_b`` (both ``a_b`` once made safe) never overwrite each
+    other. Safe names are placed first, so a suffix never takes a real column's name.
+    """
+    names = sorted(names)
+    keys = {name: name for name in names if safe_key(name) == name}
+    taken = set(keys.values())
+    for name in (n for n in names if n not in keys):
+        key, n = safe_key(name), 1
+        while key in taken:
+            n += 1
+            key = f"{safe_key(name)}-{n}"
+        keys[name] = key
+        taken.add(key)
+    return keys
+
+
+def label_path(root: zarr.Group, split: str, label: str) -> str:
+    """The array of label column ``label`` in ``split`` (stores before label keys: its safe name)."""
+    info = root.attrs["labels"][label]
+    return f"labels/{split}/{info.get('key') or safe_key(label)}"
+
+
 def create_root(path: str | Path, attrs: dict) -> zarr.Group:
-    """A new store at ``path``, which holds nothing but (maybe) leases: those must survive."""
-    return zarr.create_group(store=zarr_store(path), zarr_format=3, overwrite=False,
-                             attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs})
+    """A new store at ``path``, which holds nothing but (maybe) leases: those must survive.
+
+    ``index/zarr.json`` keeps a copy of the root attrs (they never change after this), so a lost or
+    damaged root zarr.json can be restored (``verify --repair``) instead of leaving a dead end.
+    """
+    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **attrs}
+    if _get(zarr_store(path, read_only=True), "zarr.json") is not None:  # our root, left by clear()
+        _write_root(path, full)
+        root = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
+    else:
+        root = zarr.create_group(store=zarr_store(path), zarr_format=3, overwrite=False, attributes=full)
+    root.create_group(INDEX, attributes={"root": full, "description": "a copy of the root attrs, to restore zarr.json"},
+                      overwrite=True)
+    return root
+
+
+def begin_replacing(path: str | Path, config: dict) -> None:
+    """Step 1 of --overwrite: mark the root "replacing" (one write) before anything is deleted.
+
+    Every command then refuses the store with one line, and ``materialize --store S`` resumes the
+    replacement with ``config`` (the new store's materialize config), so a kill at any point of the
+    replacement leaves a store that says what it is and how to finish it, never a dead end.
+    """
+    attrs = _root_attrs(path) or root_copy(path) or {"format": FORMAT, "schema_version": SCHEMA_VERSION}
+    _write_root(path, {**attrs, "replacing": {"materialize_config": config, **provenance()}})
 
 
 def clear(path: str | Path) -> None:
-    """Remove a store's contents for --overwrite, keeping its leases (the caller holds one of them)."""
+    """Step 2 of --overwrite: remove everything but the root zarr.json and the leases (the caller holds one)."""
     if is_url(path):
         zstore = zarr_store(path)
-        for key in _keys(zstore):
-            if not key.startswith(LEASES + "/"):
-                sync(zstore.delete(key))
+        keys = [key for key in _keys(zstore) if key != "zarr.json" and not key.startswith(LEASES + "/")]
+        for key in sorted(keys, key=lambda k: not k.endswith("zarr.json")):  # metadata (and its marks) first
+            sync(zstore.delete(key))
         return
     for child in local_path(path).iterdir():
-        if child.name == LEASES:
+        if child.name in (LEASES, "zarr.json"):
             continue
         if child.is_dir():
             shutil.rmtree(child)
@@ -275,16 +400,24 @@ def writable_target(location: str, output: str | None) -> str:
     check_writable(output)
     attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}
     mine = create_root(output, {**attrs, "created": provenance(), "base": {"store": str(location), "fingerprint": fingerprint}})
-    for split in attrs["splits"]:  # labels: small, and every reader of a store needs them
-        source = shared[f"labels/{split}"]
-        for name in source.array_keys():
-            array = source[name]
-            copy = mine.create_array(f"labels/{split}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
-                                     dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
-                                     attributes=array.attrs.asdict())
-            copy[...] = array[...]
-        mark_complete(mine, f"labels/{split}")
+    bookkeeping = ("row", "model_id")
+    for split in attrs["splits"]:  # labels and index: small, and every reader of a store needs them
+        labels = shared[f"labels/{split}"]
+        index = shared[index_path(shared, split)]
+        names = [n for n in labels.array_keys() if index.path != labels.path or n not in bookkeeping]
+        _copy_arrays(labels, names, mine, f"labels/{split}")
+        _copy_arrays(index, [n for n in index.array_keys() if n in bookkeeping], mine, index_path(mine, split))
     return output
+
+
+def _copy_arrays(source: zarr.Group, names: list[str], target: zarr.Group, path: str) -> None:
+    for name in names:
+        array = source[name]
+        copy = target.create_array(f"{path}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                   dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
+                                   attributes=array.attrs.asdict())
+        copy[...] = array[...]
+    mark_complete(target, path)
 
 
 def member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:

@@ -31,7 +31,6 @@ import zarr
 from . import cluster, leases, metrics, representations, store
 from .errors import PipelineError
 from .features import rep_state, resolve_device
-from .layers import safe_key
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
@@ -215,7 +214,7 @@ def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, st
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
     kind = known[label]["kind"]
-    raw = {split: root[f"labels/{split}/{safe_key(label)}"][:] for split in SPLITS}
+    raw = {split: root[store.label_path(root, split, label)][:] for split in SPLITS}
     if kind == "float":
         task, classes = "regression", []
         keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}

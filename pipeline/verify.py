@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from . import leases, store
+from .commands import command
 from .train import train_command
 
 
@@ -74,6 +75,10 @@ def _arrays(group: zarr.Group):
 def verify(path: str, progress=None) -> Report:
     """Check the whole store; read-only. The marks are checked first, then every chunk is read, with
     ``progress(total_layers=chunks, total_bytes=bytes)`` making the bar (one step per chunk)."""
+    if store.is_damaged_ours(path) and store.root_copy(path) is not None:
+        # Nothing else can be checked without the root; --repair restores it, then verify checks the rest.
+        return Report([Problem("zarr.json", "the root metadata is missing or unreadable", command("verify", path),
+                               ("root",))])
     root = store.open_root(path, mode="r")
     attrs = root.attrs.asdict()
     busy = leases.active_holders(root.store)
@@ -96,8 +101,13 @@ def verify(path: str, progress=None) -> Report:
 
 
 def _verify_raw(root, path: str, attrs: dict, report: Report, reads: list, busy: dict) -> None:
-    materialize = f"pipeline materialize --store {path} --source {attrs['source']['uri']}"
-    groups = [(f"labels/{split}", None) for split in attrs["splits"]]
+    materialize = command("materialize", path)  # the store's own source and options: materialize.resume_config
+    label_keys = {info.get("key") or store.safe_key(name) for name, info in attrs["labels"].items()}
+    expected_of = {}
+    for split in attrs["splits"]:
+        expected_of[store.index_path(root, split)] = {"row"}
+        expected_of[f"labels/{split}"] = label_keys | expected_of.get(f"labels/{split}", set())
+    groups = [(path, None) for path in expected_of]
     groups += [(f"raw/{split}/{m['key']}", split) for split in attrs["splits"] for m in attrs["modules"]]
     for group_path, split in groups:
         if not store.group_complete(root, group_path):
@@ -108,7 +118,7 @@ def _verify_raw(root, path: str, attrs: dict, report: Report, reads: list, busy:
         group = root[group_path]
         n = attrs["splits"][group_path.split("/")[1]]["n"]
         names = set(group.array_keys())
-        expected = {"A", "B"} if split else {"row"}
+        expected = {"A", "B"} if split else expected_of[group_path]
         if not expected <= names:
             report.problems.append(Problem(group_path, f"marked complete but {', '.join(sorted(expected - names))} missing",
                                            materialize, ("group", group_path)))
@@ -196,6 +206,10 @@ def _orphans(path: str, report: Report) -> None:
 
 def repair(path: str, problems: list[Problem]) -> list[str]:
     """Clear the marks of the damaged pieces so the normal commands redo them; returns those commands, in order."""
+    if any(p.reset[0] == "root" for p in problems):
+        store.check_writable(path)
+        store.restore_root(path)
+        return [command("verify", path)]
     root = store.open_root(path, mode="r+")
     for problem in problems:
         kind = problem.reset[0]
@@ -208,7 +222,7 @@ def repair(path: str, problems: list[Problem]) -> list[str]:
             store.update_attrs(features[name], {"complete": False})
         elif kind == "delete":
             Path(problem.reset[1]).unlink(missing_ok=True)
-    order = {"pipeline materialize": 0, "pipeline features": 1, "pipeline train": 2}
+    order = {"pipeline materialize": 0, "pipeline features": 1, "pipeline train": 2, "pipeline verify": 3}
     commands = sorted({p.repair for p in problems if p.repair.startswith("pipeline ")},
                       key=lambda c: (min(v for k, v in order.items() if c.startswith(k)), c))
     return commands

@@ -11,8 +11,12 @@ from .errors import PipelineError
 
 def open_labels(path: str, split: str) -> xr.Dataset:
     """labels/<split> as a Dataset over ``model``; categorical codes carry their classes in attrs."""
-    _check_split(path, split)
-    return xr.open_zarr(path, group=f"labels/{split}", consolidated=False)
+    root = _check_split(path, split)
+    labels = xr.open_zarr(path, group=f"labels/{split}", consolidated=False)
+    index = store.index_path(root, split)
+    if index != f"labels/{split}":  # schema 2: the bookkeeping (row, model_id) is beside the labels, not among them
+        labels = labels.merge(xr.open_zarr(path, group=index, consolidated=False))
+    return labels
 
 
 def open_features(path: str, split: str, complete_only: bool = True) -> xr.Dataset:
@@ -32,11 +36,12 @@ def open_features(path: str, split: str, complete_only: bool = True) -> xr.Datas
     return features.assign_coords(coords)
 
 
-def _check_split(path: str, split: str) -> None:
+def _check_split(path: str, split: str):
     root = store.open_root(path)
     splits = root.attrs["splits"]
     if split not in splits:
         raise PipelineError(f"store {path} has no split {split!r}; it has {', '.join(splits)}")
+    return root
 
 
 def decode(labels: xr.DataArray) -> np.ndarray:

@@ -196,13 +196,13 @@ def test_real_adapters_pair_and_round_trip(tmp_path, file):
         assert m["dtype"] == ("float16" if fp16 else "float32")
         for split in ("train", "val", "test"):
             A, B = root[f"raw/{split}/{m['key']}/A"][...], root[f"raw/{split}/{m['key']}/B"][...]
-            np.testing.assert_array_equal(root[f"labels/{split}/row"][...], np.arange(3))
+            np.testing.assert_array_equal(root[f"index/{split}/row"][...], np.arange(3))
             assert A.dtype == tensors[m["down"]].dtype  # fp16 is stored exactly, as fp16
             np.testing.assert_array_equal(A, np.stack([tensors[m["down"]]] * 3))
             np.testing.assert_array_equal(B, np.stack([tensors[m["up"]]] * 3))
     assert [str(c) for c in root["labels/train/label"].attrs["classes"]] == ["cat", "dog"]
     np.testing.assert_array_equal(root["labels/train/label"][...], [0, 1, 0])
-    np.testing.assert_array_equal(root["labels/train/model_id"][...], [f"adapter{i}.safetensors" for i in range(3)])
+    np.testing.assert_array_equal(root["index/train/model_id"][...], [f"adapter{i}.safetensors" for i in range(3)])
     non_lora = sorted(k for k in tensors if tensors[k].ndim != 2)
     assert attrs["ignored_columns"] == non_lora  # modules left out by --layers are not "ignored"
     if file.startswith("cloneofsimo_rank1"):

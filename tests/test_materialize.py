@@ -75,7 +75,7 @@ def test_cli_synth_materialize_info(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     split = _datasets_split(20)
-    assert lines[0] == f"store    {store}  (format weightspace-pipeline-store v1)"
+    assert lines[0] == f"store    {store}  (format weightspace-pipeline-store v2)"
     assert lines[1].startswith(f"source   {data}  [save_to_disk, fingerprint ")
     assert lines[2] == f"splits   train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])}"
     assert lines[3].startswith("layers   8 tensors in 4 modules, rank 1, ")
@@ -111,7 +111,7 @@ def test_round_trip_every_split_and_module(synth_store, synth_ds):
     attrs = root.attrs.asdict()
     modules = attrs["modules"]
     assert len(modules) == 64
-    split_rows = {split: root[f"labels/{split}/row"][...] for split in ("train", "val", "test")}
+    split_rows = {split: root[f"index/{split}/row"][...] for split in ("train", "val", "test")}
     for m in modules:
         # Each source column once, the plain datasets way, then the split rows of it.
         down, up = source_matrix(synth_ds, m["down"], range(40)), source_matrix(synth_ds, m["up"], range(40))
@@ -138,7 +138,7 @@ def test_round_trip_other_float_dtypes(tmp_path, dtype):
     stored = np.float16 if dtype == "float16" else np.float32  # 2-byte weights stay 2 bytes
     assert m["dtype"] == np.dtype(stored).name
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         for role, column in (("A", DOWN), ("B", UP)):
             array = root[f"raw/{split}/{m['key']}/{role}"]
             assert array.dtype == stored
@@ -156,7 +156,7 @@ def test_ragged_ranks_zero_padded_with_rank_array(tmp_path):
     (m,) = root.attrs["modules"]
     assert m["rank"] == 3 and m["rank_varies"] is True
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         group = root[f"raw/{split}/{m['key']}"]
         A, B, rank = group["A"][...], group["B"][...], group["rank"][...]
         assert A.shape == (len(rows), 3, 6) and B.shape == (len(rows), 5, 3)
@@ -184,7 +184,7 @@ def test_kohya_alpha_constant_and_varying(tmp_path):
     assert (modules[y]["alpha"], modules[y]["alpha_varies"]) == (None, True)
     assert set(root.attrs["labels"]) == set()  # alpha columns are not labels
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         assert "alpha" not in root[f"raw/{split}/{modules[x]['key']}"]
         np.testing.assert_array_equal(root[f"raw/{split}/{modules[y]['key']}/alpha"][...], np.asarray(alpha_y, np.float32)[rows])
 
@@ -205,7 +205,7 @@ def test_split_equals_datasets_train_test_split(synth_store, synth_dir, tmp_path
     key = next(m["key"] for m in root.attrs["modules"] if m["up"] == column)
     classes = np.asarray(root["labels/train/category_label"].attrs["classes"])
     for split, part in expected.items():
-        np.testing.assert_array_equal(root[f"labels/{split}/row"][...], rows[split])
+        np.testing.assert_array_equal(root[f"index/{split}/row"][...], rows[split])
         np.testing.assert_array_equal(root[f"raw/{split}/{key}/B"][...], np.asarray(part[column], np.float32))
         np.testing.assert_array_equal(classes[root[f"labels/{split}/category_label"][...]], np.asarray(part["category_label"]))
     assert sorted(np.concatenate(list(rows.values()))) == list(range(ds.num_rows))
@@ -218,7 +218,7 @@ def test_small_dataset_uses_all_rows_everywhere(tmp_path, n):
     materialize_to(tmp_path / "s.zarr", src)
     root = open_store(tmp_path / "s.zarr")
     for split in ("train", "val", "test"):
-        np.testing.assert_array_equal(root[f"labels/{split}/row"][...], np.arange(n))
+        np.testing.assert_array_equal(root[f"index/{split}/row"][...], np.arange(n))
         assert root[f"raw/{split}/unet.blk.attn1.to_q/A"].shape[0] == n
 
 
@@ -227,14 +227,14 @@ def test_eleven_rows_are_split(tmp_path):
     materialize_to(tmp_path / "s.zarr", src)
     root = open_store(tmp_path / "s.zarr")
     for split, rows in _datasets_split(11).items():
-        np.testing.assert_array_equal(root[f"labels/{split}/row"][...], rows)
+        np.testing.assert_array_equal(root[f"index/{split}/row"][...], rows)
 
 
 def test_custom_split_options(tmp_path, synth_dir):
     materialize_to(tmp_path / "s.zarr", synth_dir, layers=SMALL_LAYERS, test_size=0.5, val_test_size=0.5, split_seed=7)
     root = open_store(tmp_path / "s.zarr")
     for split, rows in _datasets_split(40, 0.5, 0.5, 7).items():
-        np.testing.assert_array_equal(root[f"labels/{split}/row"][...], rows)
+        np.testing.assert_array_equal(root[f"index/{split}/row"][...], rows)
 
 
 def test_source_splits_are_kept(tmp_path):
@@ -250,7 +250,7 @@ def test_source_splits_are_kept(tmp_path):
                                     "test": {"n": 5, "source_split": "test"}}
     for stored, name in (("train", "train"), ("val", "validation"), ("test", "test")):
         n = len(parts[name][DOWN])
-        np.testing.assert_array_equal(root[f"labels/{stored}/row"][...], np.arange(n))
+        np.testing.assert_array_equal(root[f"index/{stored}/row"][...], np.arange(n))
         np.testing.assert_array_equal(root[f"labels/{stored}/y"][...], np.arange(n))
         np.testing.assert_array_equal(root[f"raw/{stored}/unet.blk.attn1.to_q/A"][...], np.asarray(parts[name][DOWN], np.float32))
         np.testing.assert_array_equal(root[f"raw/{stored}/unet.blk.attn1.to_q/B"][...], np.asarray(parts[name][UP], np.float32))
@@ -264,10 +264,10 @@ def test_categorical_labels_are_label_encoder_codes(synth_store, synth_ds):
     for name in ("category_label", "category_name"):
         source = np.asarray(synth_ds[name])
         classes = np.unique(source)  # what sklearn's LabelEncoder().fit(source).classes_ is
-        assert root.attrs["labels"][name] == {"kind": "categorical", "column": name, "classes": classes.tolist()}
+        assert root.attrs["labels"][name] == {"kind": "categorical", "column": name, "classes": classes.tolist(), "key": name}
         for split in ("train", "val", "test"):
             array = root[f"labels/{split}/{name}"]
-            rows = root[f"labels/{split}/row"][...]
+            rows = root[f"index/{split}/row"][...]
             codes = array[...]
             assert codes.dtype.kind == "i"
             assert array.attrs["classes"] == classes.tolist()
@@ -290,7 +290,7 @@ def test_numeric_labels_and_missing_categories(tmp_path):
     assert root.attrs["labels"]["kind"]["classes"] == ["a", "b", "c"]
     assert root.attrs["labels"]["score"]["kind"] == "float" and root.attrs["labels"]["count"]["kind"] == "integer"
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         np.testing.assert_array_equal(root[f"labels/{split}/score"][...], np.asarray(extra["score"])[rows])
         np.testing.assert_array_equal(root[f"labels/{split}/count"][...], np.asarray(extra["count"])[rows])
         want = [{"a": 0, "b": 1, "c": 2, None: -1}[extra["kind"][r]] for r in rows]
@@ -313,7 +313,7 @@ def test_each_column_read_once_per_split(tmp_path, synth_dir, synth_ds, monkeypa
     options = dict(memory=48 * 1024, chunk_mb=0.01) if budget == "small" else {}
     materialize_to(tmp_path / "s.zarr", synth_dir, layers=SMALL_LAYERS, **options)
     root = open_store(tmp_path / "s.zarr")
-    split_rows = [root[f"labels/{s}/row"][...] for s in ("train", "val", "test")]
+    split_rows = [root[f"index/{s}/row"][...] for s in ("train", "val", "test")]
     lora_columns = {c for m in root.attrs["modules"] for c in (m["down"], m["up"])}
     assert len(lora_columns) == 8 and set(tally) == lora_columns
     for column, calls in tally.items():
@@ -423,7 +423,6 @@ def test_crash_and_resume_equals_clean_run(tmp_path):
     resumed_attrs, clean_attrs = open_store(store).attrs.asdict(), open_store(clean).attrs.asdict()
     for attrs in (resumed_attrs, clean_attrs):
         attrs.pop("created")
-        attrs["materialize_config"].pop("store")
     assert resumed_attrs == clean_attrs
 
 
@@ -493,13 +492,13 @@ def test_nonfinite_weights(tmp_path, bad):
     assert_one_line_error(run_cli("materialize", "--source", src, "--store", store, "--quiet"), repr(bad_column), "source row 5",
                           "--allow-nonfinite")
     root = open_store(store)
-    bad_split = next(s for s in ("train", "val", "test") if 5 in root[f"labels/{s}/row"][...])
+    bad_split = next(s for s in ("train", "val", "test") if 5 in root[f"index/{s}/row"][...])
     groups = raw_groups(store)
     assert groups.get(f"raw/{bad_split}/unet.blk.attn2.to_q") is not True
     for path, complete in groups.items():  # whatever was finished is whole and right
         if complete:
             split, key = path.split("/")[1:]
-            rows = root[f"labels/{split}/row"][...]
+            rows = root[f"index/{split}/row"][...]
             np.testing.assert_array_equal(root[f"{path}/A"][...], source_matrix(ds, f"{key}.lora.down.weight", rows))
 
     result = run_cli("materialize", "--source", src, "--store", store, "--quiet", "--allow-nonfinite")
@@ -507,7 +506,7 @@ def test_nonfinite_weights(tmp_path, bad):
     assert all(raw_groups(store).values()) and len(raw_groups(store)) == 6
     root = open_store(store)
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         np.testing.assert_array_equal(root[f"raw/{split}/unet.blk.attn2.to_q/B"][...], source_matrix(ds, bad_column, rows))
 
 
@@ -637,7 +636,7 @@ def test_column_names_cannot_escape_the_store(tmp_path):
     assert m["name"] == evil
     assert "/" not in m["key"] and "\\" not in m["key"] and not m["key"].startswith(".")
     assert sorted(root["raw/train"].group_keys()) == [m["key"]]
-    rows = root["labels/train/row"][...]
+    rows = root["index/train/row"][...]
     np.testing.assert_array_equal(root[f"raw/train/{m['key']}/A"][...], np.asarray(cols[f"{evil}.lora.down.weight"], np.float32)[rows])
 
 
@@ -649,12 +648,14 @@ def test_xarray_opens_raw_and_labels(synth_store, synth_ds):
     m = next(m for m in root.attrs["modules"] if "attn2.to_v" in m["name"])
     raw = xr.open_zarr(str(synth_store), group=f"raw/train/{m['key']}", consolidated=False)
     assert raw["A"].dims == ("model", "rank", "in") and raw["B"].dims == ("model", "out", "rank")
-    rows = root["labels/train/row"][...]
+    rows = root["index/train/row"][...]
     assert raw["A"].shape == (len(rows), 1, m["in"])
     np.testing.assert_array_equal(raw["B"].values, source_matrix(synth_ds, m["up"], rows))
     labels = xr.open_zarr(str(synth_store), group="labels/train", consolidated=False)
-    assert {"row", "category_label", "category_name", "num_images", "rank"} <= set(labels.data_vars)
-    assert labels["row"].dims == ("model",)
+    assert {"category_label", "category_name", "num_images", "rank"} <= set(labels.data_vars)
+    assert "row" not in labels.data_vars  # bookkeeping lives in index/, apart from the labels
+    index = xr.open_zarr(str(synth_store), group="index/train", consolidated=False)
+    assert index["row"].dims == ("model",)
     np.testing.assert_array_equal(labels["num_images"].values, np.asarray(synth_ds["num_images"])[rows])
 
 
@@ -716,7 +717,7 @@ def test_materialize_multi_chunk_ragged_source(tmp_path):
     materialize(MaterializeConfig(store=str(tmp_path / "s.zarr"), quiet=True, memory=3 * 120, chunk_mb=1e-4), source=source)
     root = open_store(tmp_path / "s.zarr")
     for split in ("train", "val", "test"):
-        rows = root[f"labels/{split}/row"][...]
+        rows = root[f"index/{split}/row"][...]
         np.testing.assert_array_equal(root[f"raw/{split}/unet.blk.attn1.to_q/rank"][...], np.asarray(ranks)[rows])
         A, B = root[f"raw/{split}/unet.blk.attn1.to_q/A"][...], root[f"raw/{split}/unet.blk.attn1.to_q/B"][...]
         for i, row in enumerate(rows):
@@ -745,7 +746,7 @@ def test_codecs_round_trip_with_checksums(tmp_path, synth_dir, small_store, code
 
 def test_root_attrs_describe_the_store(synth_store, synth_dir, synth_ds):
     attrs = open_store(synth_store).attrs.asdict()
-    assert attrs["format"] == "weightspace-pipeline-store" and attrs["schema_version"] == 1
+    assert attrs["format"] == "weightspace-pipeline-store" and attrs["schema_version"] == 2
     assert attrs["source"]["uri"] == str(synth_dir) and attrs["source"]["kind"] == "save_to_disk"
     assert len(attrs["layers"]) == 128 and len(attrs["modules"]) == 64
     lora = sorted(c for c in synth_ds.column_names if ".lora." in c)

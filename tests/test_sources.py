@@ -137,11 +137,11 @@ def test_safetensors_folder_with_labels(tmp_path):
     materialize_to(tmp_path / "s.zarr", folder)
     root = open_store(tmp_path / "s.zarr")
     assert root.attrs["id_column"] == "file"
-    np.testing.assert_array_equal(root["labels/train/model_id"][...], ["m0.safetensors", "m1.safetensors", "m2.safetensors"])
+    np.testing.assert_array_equal(root["index/train/model_id"][...], ["m0.safetensors", "m1.safetensors", "m2.safetensors"])
     np.testing.assert_array_equal(root["labels/train/style"][...], [0, 1, 0])
     np.testing.assert_array_equal(root["labels/train/strength"][...], [1.5, 2.0, 0.5])
     np.testing.assert_array_equal(root["raw/train/unet.blk.attn1.to_q/A"][...], np.stack([adapters[f"m{i}.safetensors"][DOWN] for i in range(3)]))
-    labels = xr.open_zarr(str(tmp_path / "s.zarr"), group="labels/train", consolidated=False)
+    labels = xr.open_zarr(str(tmp_path / "s.zarr"), group="index/train", consolidated=False)
     assert [str(v) for v in labels["model_id"].values] == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
 
 
