@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import zarr
 
 from . import cluster, leases, metrics, representations, store
+from .commands import command
 from .errors import PipelineError
 from .features import rep_state, resolve_device
 
@@ -563,8 +564,8 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
 def train_command(store_path: str, config: dict, runs: int) -> str:
     """The ``pipeline train`` call that (re)trains a stored configuration (``runs/<digest>`` attrs "config")."""
     reps = "+".join(r["name"] for r in config["reps"])
-    args = [f"--store {store_path}", f"--rep {reps}", f"--layers {config['layer_set']}", f"--label {config['label']}",
-            f"--model {config['model']}", f"--seed {config['seed']}", f"--runs {runs}"]
+    args = ["--rep", reps, "--layers", config["layer_set"], "--label", config["label"], "--model", config["model"],
+            "--seed", config["seed"], "--runs", runs]
     defaults = Hyper()
     linear = config["model"] == "linear"
     for name in ("hidden", "depth", "dropout", "lr", "weight_decay", "batch_size", "epochs", "patience", "plateau_patience",
@@ -572,8 +573,8 @@ def train_command(store_path: str, config: dict, runs: int) -> str:
         if linear and name in ("hidden", "depth", "dropout"):
             continue
         if config[name] != getattr(defaults, name):
-            args.append(f"--{name.replace('_', '-')} {config[name]}")
-    return "pipeline train " + " ".join(args)
+            args += [f"--{name.replace('_', '-')}", config[name]]
+    return command("train", store_path, *args)
 
 
 def config_hash(config: dict) -> str:

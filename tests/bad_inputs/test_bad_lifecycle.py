@@ -282,3 +282,20 @@ def test_a_root_lost_without_a_copy_can_be_replaced(small_store, synth_dir, tmp_
     result = run_cli("materialize", "--store", path, "--source", synth_dir, "--layers", SMALL_LAYERS, "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
     assert_same_arrays(path, small_store)
+
+
+def test_verify_repair_of_a_run_prints_a_train_command_that_works(made_with_options, tmp_path):
+    clean, _ = made_with_options
+    copy = tmp_path / "a 'quoted' store.zarr"
+    shutil.copytree(clean, copy)
+    chunk = next(p for p in sorted((copy / "runs").rglob("c/*")) if p.is_file() and "test_pred" in p.as_posix())
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = run_cli("verify", "--store", copy, "--repair", "--quiet")
+    assert result.exit_code == 1, result.output
+    (command,) = printed_commands(result.output)
+    assert command.startswith("pipeline train ")
+    assert run_printed(command).exit_code == 0
+    assert run_cli("verify", "--store", copy, "--quiet").exit_code == 0
+    assert_same_arrays(copy, clean)
