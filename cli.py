@@ -79,22 +79,32 @@ def synth(out, n, rank, modules, seed, quiet):
 def materialize(store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
                 allow_nonfinite, overwrite, quiet):
     """Read each layer once per split into one chunked Zarr store."""
+    import dataclasses
+
     from pipeline import progress
     from pipeline.materialize import MaterializeConfig, materialize as run
+    from pipeline.sources import open_source
     from pipeline.store import default_store
     from pipeline.synthetic import builtin_dataset
 
+    try:
+        budget = parse_size(memory)
+    except click.BadParameter as exc:
+        raise PipelineError(f"--memory {exc.message}") from None
+    config = MaterializeConfig(  # checks every option before any dataset is built or opened
+        store=store or default_store(), source=source, labels_csv=labels_csv,
+        layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
+        memory=budget, chunk_mb=chunk_mb, codec=codec, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
+    )
     if source and source.startswith("zoo:"):  # build it here, with progress bars, if it is not built yet
         from pipeline.zoo import builtin_zoo
 
         with _zoo_progress(quiet) as bars:
             builtin_zoo(source, progress=bars)
-    config = MaterializeConfig(
-        store=store or default_store(), source=source or str(builtin_dataset(quiet=quiet)), labels_csv=labels_csv,
-        layers=layers, labels=tuple(labels), test_size=test_size, val_test_size=val_test_size, split_seed=split_seed,
-        memory=parse_size(memory), chunk_mb=chunk_mb, codec=codec, allow_nonfinite=allow_nonfinite, overwrite=overwrite, quiet=quiet,
-    )
-    summary = run(config, progress=progress.factory("materialize", quiet),
+    if not source:
+        config = dataclasses.replace(config, source=str(builtin_dataset(quiet=quiet)))
+    opened = open_source(config.source, config.labels_csv, quiet=quiet)  # quiet: the datasets library's bars too
+    summary = run(config, source=opened, progress=progress.factory("materialize", quiet),
                   on_wait=None if quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
     if not quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)

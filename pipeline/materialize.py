@@ -22,7 +22,7 @@ from . import arrowio, leases, store
 from .errors import PipelineError
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
-from .splits import SplitPlan, plan_splits
+from .splits import SplitPlan, check_split_options, plan_splits
 
 GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
@@ -46,6 +46,14 @@ class MaterializeConfig:
     allow_nonfinite: bool = False
     overwrite: bool = False
     quiet: bool = False
+
+    def __post_init__(self):
+        # The one place options are checked, so the Python API refuses what the CLI refuses.
+        check_split_options(self.test_size, self.val_test_size, self.split_seed)
+        if isinstance(self.chunk_mb, bool) or not isinstance(self.chunk_mb, (int, float)) or not 0 < self.chunk_mb < float("inf"):
+            raise PipelineError(f"--chunk-mb {self.chunk_mb!r} is not a size in MB above 0 (e.g. 4)")
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory <= 0:
+            raise PipelineError(f"--memory {self.memory!r} is not a budget above 0 bytes (e.g. 1GiB)")
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,23 @@ def _scalar_kind(arrow_type: pa.DataType) -> str | None:
     return None
 
 
-def _label_plan(source: Source, columns: list[str], schema: pa.Schema) -> dict[str, dict]:
+def _label_plan(source: Source, columns: list[str], schema: pa.Schema, id_column: str | None = None) -> dict[str, dict]:
     labels = {}
+    stored_as = {"row": "the source row numbers", **({"model_id": f"the id column {id_column!r}"} if id_column else {})}
     for name in columns:
         kind = _scalar_kind(schema.field(name).type)
         if kind is None:
             continue
+        key = safe_key(name)
+        if key in stored_as:  # two arrays at one path: the second would silently replace the first
+            raise PipelineError(f"label column {name!r} would be stored at labels/<split>/{key}, where {stored_as[key]} are; rename it")
+        stored_as[key] = f"label column {name!r}"
+        if kind in ("integer", "bool"):  # no missing code for these: refuse now, before anything is written
+            for split, ds in source.splits.items():
+                missing = ds.data.column(name).null_count
+                if missing:
+                    raise PipelineError(f"label {name!r} has {missing} missing value(s) in source split {split!r}; "
+                                        "fill them or drop the column")
         info = {"kind": kind, "column": name}
         if kind == "categorical":
             values = set()
@@ -129,7 +148,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     all_lora = {c for m in all_modules for c in (m.down, m.up)}
     id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
-    labels = _label_plan(source, label_candidates, schema)
+    labels = _label_plan(source, label_candidates, schema, id_column)
     for wanted in config.labels:
         if wanted not in labels:
             scalar = ", ".join(labels) or "none"
@@ -145,6 +164,13 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         for column in (module.down, module.up):
             if not arrowio.is_matrix_column(schema.field(column).type):
                 raise PipelineError(f"column {column!r} is not a matrix (nested list of numbers) but {schema.field(column).type}")
+        if not config.allow_nonfinite:  # a null would be read as NaN: name it for what it is
+            for name, ds in source.splits.items():
+                for column in (module.down, module.up):
+                    row = arrowio.null_row(ds.data.column(column))
+                    if row is not None:
+                        raise PipelineError(f"layer {column!r} has a missing (null) value in row {row} of source split {name!r}; "
+                                            "fill it, or rerun with --allow-nonfinite to store it as NaN")
         ranks = {name: arrowio.row_ranks(ds.data.column(module.down), module.down) for name, ds in source.splits.items()}
         downs = [arrowio.describe(ds.data.column(module.down), module.down, 0, ranks[n]) for n, ds in source.splits.items()]
         ups = [arrowio.describe(ds.data.column(module.up), module.up, 1, ranks[n]) for n, ds in source.splits.items()]
@@ -157,7 +183,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
             raise PipelineError(f"module {module.name!r} has different shapes in different splits")
         if down.rows != up.cols:
             raise PipelineError(f"module {module.name!r}: down has rank {down.rows} but up has rank {up.cols}")
-        half = down.dtype == np.float16 and up.dtype == np.float16
+        half = all(c.dtype == np.float16 for c in downs + ups)  # one float32 split anywhere would be cut to float16
         alpha = None
         if module.alpha:
             values = np.unique(np.concatenate([ds.data.column(module.alpha).to_numpy(zero_copy_only=False) for ds in source.splits.values()]))
@@ -234,14 +260,30 @@ def _batches(n: int, chunk: int, row_bytes: int, budget: int):
         yield start, min(n, start + per_batch)
 
 
-def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray) -> None:
+def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray, source_row=None) -> None:
+    """Refuse a non-finite value; ``source_row(i)`` (row i of the batch in the source's own dtype) tells
+    a NaN or Inf of the source from a finite value too large for the stored dtype."""
     finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-    if not finite.all():
-        row = int(source_rows[np.flatnonzero(~finite)[0]])
+    if finite.all():
+        return
+    i = int(np.flatnonzero(~finite)[0])
+    row = int(source_rows[i])
+    if source_row is not None and np.isfinite(source_row(i)).all():
+        limit = np.finfo(values.dtype).max
         raise PipelineError(
-            f"layer {column!r} has NaN or Inf in source row {row}; fix the data or rerun with --allow-nonfinite "
-            "(finished layers are kept)"
+            f"layer {column!r} has a value out of {values.dtype} range (|x| > {limit:g}) in source row {row}; "
+            "rescale or fix the data, or rerun with --allow-nonfinite to store it as Inf (finished layers are kept)"
         )
+    raise PipelineError(
+        f"layer {column!r} has NaN or Inf in source row {row}; fix the data or rerun with --allow-nonfinite "
+        "(finished layers are kept)"
+    )
+
+
+def _as_in_source(column: pa.ChunkedArray, spec: arrowio.MatrixColumn, ranks: np.ndarray, rows: np.ndarray):
+    """Row i of a batch in the source's own dtype; read only when a value is not finite, to say why."""
+    dtype = arrowio.leaf_type(column.type).to_pandas_dtype()
+    return lambda i: arrowio.gather(column, spec, ranks, rows[i:i + 1], dtype)
 
 
 class _Writer:
@@ -282,9 +324,10 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
         # A third of the budget per batch: one being gathered, one being written, and zarr's buffers.
         for start, stop in _batches(n, chunk, row_bytes, config.memory // 3):
             rows = split.rows[start:stop]
-            values = arrowio.gather(table.column(column), spec, mp.ranks[split.source_split], rows, mp.dtype)
+            ranks = mp.ranks[split.source_split]
+            values = arrowio.gather(table.column(column), spec, ranks, rows, mp.dtype)
             if not config.allow_nonfinite:
-                _check_finite(values, column, rows)
+                _check_finite(values, column, rows, _as_in_source(table.column(column), spec, ranks, rows))
             writer.write(array, start, stop, values)
             written += values.nbytes
     if mp.rank_varies:
