@@ -54,13 +54,17 @@ def row_ranks(column: pa.ChunkedArray, name: str) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
-def _first_inner_length(column: pa.ChunkedArray) -> int:
-    # The first inner list of the column, wherever it is: a rank-0 row has none, so row 0's first list may not exist.
-    for chunk in column.chunks:
-        inner = chunk.flatten()
-        if len(inner):
-            return int(pc.list_value_length(inner[:1]).fill_null(0)[0].as_py())
-    return 0
+def _usual_inner_length(column: pa.ChunkedArray) -> int:
+    """The inner length most lists have (``in`` of a down matrix), ties to the first list's: offsets only.
+
+    The most common one, not row 0's, so a misshapen row 0 is the row blamed (and a rank-0 row 0 has no list at all).
+    """
+    lengths = [pc.list_value_length(chunk.flatten()).fill_null(0).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+    if not lengths.size:
+        return 0
+    counts = np.bincount(lengths)
+    return int(lengths[0]) if counts[lengths[0]] == counts.max() else int(counts.argmax())
 
 
 def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarray) -> MatrixColumn:
@@ -71,7 +75,7 @@ def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarr
             bad = int(np.flatnonzero(ranks == 0)[0])
             raise PipelineError(f"column {name!r}: row {bad} has rank 0 (an empty matrix); every adapter needs rank >= 1, "
                                 "remove that adapter from the source")
-        cols = _first_inner_length(column)
+        cols = _usual_inner_length(column)
         return MatrixColumn(name, int(ranks.max(initial=0)), cols, 0, numpy_dtype)
     outer = row_ranks(column, name)  # up (out, r): outer length is `out`
     if len(outer) and (outer != outer[0]).any():
