@@ -28,6 +28,11 @@ GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
 
 
+def _positive(value) -> bool:
+    """A finite number above 0 (nan and inf fail: they would make chunk and batch sizes meaningless)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 @dataclass(frozen=True)
 class MaterializeConfig:
     """Everything ``pipeline materialize`` takes; saved in the store."""
@@ -50,9 +55,9 @@ class MaterializeConfig:
     def __post_init__(self):
         # The one place options are checked, so the Python API refuses what the CLI refuses.
         check_split_options(self.test_size, self.val_test_size, self.split_seed)
-        if isinstance(self.chunk_mb, bool) or not isinstance(self.chunk_mb, (int, float)) or not 0 < self.chunk_mb < float("inf"):
+        if not _positive(self.chunk_mb):
             raise PipelineError(f"--chunk-mb {self.chunk_mb!r} is not a size in MB above 0 (e.g. 4)")
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory <= 0:
+        if not _positive(self.memory):
             raise PipelineError(f"--memory {self.memory!r} is not a budget above 0 bytes (e.g. 1GiB)")
 
 
@@ -101,11 +106,25 @@ def _scalar_kind(arrow_type: pa.DataType) -> str | None:
     return None
 
 
-def _label_plan(source: Source, columns: list[str], schema: pa.Schema, id_column: str | None = None) -> dict[str, dict]:
+def _label_kind(source: Source, name: str) -> str | None:
+    """The kind of a label column in every split: integers in one split and floats in another are floats."""
+    kinds = {split: _scalar_kind(ds.data.schema.field(name).type) for split, ds in source.splits.items()}
+    found = set(kinds.values())
+    if len(found) == 1:
+        return found.pop()
+    if found == {"integer", "float"}:
+        return "float"
+    first_split, first_kind = next(iter(kinds.items()))
+    other_split, other_kind = next((split, kind) for split, kind in kinds.items() if kind != first_kind)
+    raise PipelineError(f"column {name!r} holds {first_kind or 'non-scalar'} values in source split {first_split!r} but "
+                        f"{other_kind or 'non-scalar'} values in {other_split!r}; give it one type in every split")
+
+
+def _label_plan(source: Source, columns: list[str], id_column: str | None = None) -> dict[str, dict]:
     labels = {}
     stored_as = {"row": "the source row numbers", **({"model_id": f"the id column {id_column!r}"} if id_column else {})}
     for name in columns:
-        kind = _scalar_kind(schema.field(name).type)
+        kind = _label_kind(source, name)
         if kind is None:
             continue
         key = safe_key(name)
@@ -148,7 +167,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     all_lora = {c for m in all_modules for c in (m.down, m.up)}
     id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
-    labels = _label_plan(source, label_candidates, schema, id_column)
+    labels = _label_plan(source, label_candidates, id_column)
     for wanted in config.labels:
         if wanted not in labels:
             scalar = ", ".join(labels) or "none"
@@ -162,8 +181,11 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     module_plans = []
     for module in modules:
         for column in (module.down, module.up):
-            if not arrowio.is_matrix_column(schema.field(column).type):
-                raise PipelineError(f"column {column!r} is not a matrix (nested list of numbers) but {schema.field(column).type}")
+            for split, ds in source.splits.items():  # every split: arrowio reads offsets of whatever it is given
+                arrow_type = ds.data.schema.field(column).type
+                if not arrowio.is_matrix_column(arrow_type):
+                    where = f" in source split {split!r}" if len(source.splits) > 1 else ""
+                    raise PipelineError(f"column {column!r} is not a matrix (nested list of numbers){where} but {arrow_type}")
         if not config.allow_nonfinite:  # a null would be read as NaN: name it for what it is
             for name, ds in source.splits.items():
                 for column in (module.down, module.up):

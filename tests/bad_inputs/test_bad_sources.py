@@ -331,6 +331,56 @@ def test_damaged_safetensors_file(tmp_path, kept_store, damage):
     refused(kept_store, "--source", folder, fragments=("m1.safetensors",))
 
 
+def _splits_dataset(path: Path, parts: dict[str, dict], features: dict[str, dict]) -> Path:
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(cols, features=datasets.Features(features[name]))
+                          for name, cols in parts.items()}).save_to_disk(str(path))
+    return path
+
+
+def _listed_rows(n: int, seed: int) -> dict[str, list]:
+    return {k: [np.asarray(m, np.float32).tolist() for m in v] for k, v in lora_rows(n, seed=seed).items()}
+
+
+MATRIX = datasets.List(datasets.List(datasets.Value("float32")))
+
+
+def test_weight_column_that_is_text_in_another_split(tmp_path, kept_store):
+    train, test = _listed_rows(12, 1), _listed_rows(3, 2)
+    test[UP] = ["not", "a", "matrix"]
+    src = _splits_dataset(tmp_path / "src", {"train": train, "test": test},
+                          {"train": {DOWN: MATRIX, UP: MATRIX}, "test": {DOWN: MATRIX, UP: datasets.Value("string")}})
+    refused(kept_store, "--source", src, fragments=(UP, "'test'", "not a matrix"))
+
+
+def test_label_of_two_types_across_splits(tmp_path, kept_store):
+    train, test = {**_listed_rows(12, 1), "y": list(range(12))}, {**_listed_rows(3, 2), "y": ["a", "b", "c"]}
+    src = _splits_dataset(tmp_path / "src", {"train": train, "test": test},
+                          {"train": {DOWN: MATRIX, UP: MATRIX, "y": datasets.Value("int64")},
+                           "test": {DOWN: MATRIX, UP: MATRIX, "y": datasets.Value("string")}})
+    refused(kept_store, "--source", src, fragments=("'y'", "one type in every split"))
+
+
+def test_label_integer_in_one_split_and_float_in_another_is_float(tmp_path):
+    train, test = {**_listed_rows(12, 1), "y": list(range(12))}, {**_listed_rows(3, 2), "y": [0.5, 1.5, 2.5]}
+    src = _splits_dataset(tmp_path / "src", {"train": train, "test": test},
+                          {"train": {DOWN: MATRIX, UP: MATRIX, "y": datasets.Value("int64")},
+                           "test": {DOWN: MATRIX, UP: MATRIX, "y": datasets.Value("float64")}})
+    materialize_to(tmp_path / "s.zarr", src)
+    root = open_store(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(root["labels/train/y"][...], np.arange(12.0))
+    np.testing.assert_array_equal(root["labels/test/y"][...], [0.5, 1.5, 2.5])
+
+
+def test_save_to_disk_shards_of_different_schemas(tmp_path, kept_store, good):
+    src = _copy(good, tmp_path / "src")
+    other = save_matrix_dataset(tmp_path / "other", {"x.lora.down.weight": [np.ones((1, 2))], "x.lora.up.weight": [np.ones((2, 1))]})
+    shutil.copy(arrow_file(other), src / "train" / "data-00001-of-00002.arrow")
+    state = json.loads((src / "train" / "state.json").read_text())
+    state["_data_files"].append({"filename": "data-00001-of-00002.arrow"})
+    (src / "train" / "state.json").write_text(json.dumps(state))
+    refused(kept_store, "--source", src, fragments=("cannot read",))
+
+
 def test_module_with_and_without_unet_prefix_is_refused(tmp_path, kept_store):
     rows = lora_rows(12)
     twin = lora_rows(12, name="blk.attn1.to_q")
