@@ -54,17 +54,18 @@ def row_ranks(column: pa.ChunkedArray, name: str) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
-def _usual_inner_length(column: pa.ChunkedArray) -> int:
-    """The inner length most lists have (``in`` of a down matrix), ties to the first list's: offsets only.
-
-    The most common one, not row 0's, so a misshapen row 0 is the row blamed (and a rank-0 row 0 has no list at all).
-    """
-    lengths = [pc.list_value_length(chunk.flatten()).fill_null(0).to_numpy(zero_copy_only=False) for chunk in column.chunks]
-    lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+def _usual(lengths: np.ndarray) -> int:
+    """The most common of ``lengths``, ties to the first: the odd row out is the one blamed, even when it is row 0."""
     if not lengths.size:
         return 0
     counts = np.bincount(lengths)
     return int(lengths[0]) if counts[lengths[0]] == counts.max() else int(counts.argmax())
+
+
+def _usual_inner_length(column: pa.ChunkedArray) -> int:
+    """The length most inner lists have (``in`` of a down matrix), from offsets only; a rank-0 row has no list at all."""
+    lengths = [pc.list_value_length(chunk.flatten()).fill_null(0).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    return _usual(np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64))
 
 
 def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarray) -> MatrixColumn:
@@ -78,10 +79,11 @@ def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarr
         cols = _usual_inner_length(column)
         return MatrixColumn(name, int(ranks.max(initial=0)), cols, 0, numpy_dtype)
     outer = row_ranks(column, name)  # up (out, r): outer length is `out`
-    if len(outer) and (outer != outer[0]).any():
-        bad = int(np.flatnonzero(outer != outer[0])[0])
-        raise PipelineError(f"column {name!r}: row {bad} has {outer[bad]} rows where row 0 has {outer[0]}; shapes must agree (except the rank)")
-    return MatrixColumn(name, int(outer[0]) if len(outer) else 0, int(ranks.max(initial=0)), 1, numpy_dtype)
+    out = _usual(outer)
+    if (outer != out).any():
+        bad = int(np.flatnonzero(outer != out)[0])
+        raise PipelineError(f"column {name!r}: row {bad} has {outer[bad]} rows where the others have {out}; shapes must agree (except the rank)")
+    return MatrixColumn(name, out, int(ranks.max(initial=0)), 1, numpy_dtype)
 
 
 def null_row(column: pa.ChunkedArray) -> int | None:

@@ -63,31 +63,25 @@ def _as_splits(loaded) -> dict[str, datasets.Dataset]:
 
 def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False) -> Source:
     """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars."""
-    with _datasets_output(quiet):
-        source = _open(uri, labels_csv)
-    if labels_csv and source.kind != "safetensors":  # refuse rather than ignore: the user meant these labels
-        raise PipelineError(f"--labels-csv is only for a folder of .safetensors adapters, but {uri!r} is a {source.kind} source "
+    kind = _kind_of(uri)
+    if labels_csv and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
+        raise PipelineError(f"--labels-csv is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
                             "whose labels are its own columns; drop --labels-csv")
-    return source
+    with _datasets_output(quiet):
+        return _open(uri, kind, labels_csv)
 
 
-def _open(uri: str, labels_csv: str | None) -> Source:
-    if uri.startswith("zoo:"):
-        from .zoo import builtin_zoo
-
-        splits = _as_splits(datasets.load_from_disk(str(builtin_zoo(uri))))
-        return Source(uri, "zoo", splits, _fingerprint_of(splits, "save_to_disk"))
+def _kind_of(uri: str) -> str:
+    """zoo | save_to_disk | safetensors | files | hub, from the path alone; refuses a path that holds none."""
     path = Path(uri).expanduser()
+    if uri.startswith("zoo:"):
+        return "zoo"
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        _check_saved_layout(path)
-        with _reading(f"save_to_disk folder {path}"):
-            splits = _as_splits(datasets.load_from_disk(str(path)))
-        return Source(str(path), "save_to_disk", splits, _fingerprint_of(splits, "save_to_disk"))
+        return "save_to_disk"
     if path.is_dir() and any(path.glob("*.safetensors")):
-        return _open_safetensors_folder(path, labels_csv)
-    files = _data_files(uri)
-    if files:
-        return _open_files(uri, files)
+        return "safetensors"
+    if _data_files(uri):
+        return "files"
     if path.exists() or any(ch in uri for ch in "*?[") or uri.startswith((".", "/", "~")):
         raise PipelineError(
             f"source {uri!r} holds no dataset: expected a save_to_disk folder, parquet/arrow files, "
@@ -95,6 +89,25 @@ def _open(uri: str, labels_csv: str | None) -> Source:
         )
     if "/" not in uri:
         raise PipelineError(f"source {uri!r} does not exist; give a local folder, a glob of parquet/arrow files, or a hub id like owner/name")
+    return "hub"
+
+
+def _open(uri: str, kind: str, labels_csv: str | None) -> Source:
+    path = Path(uri).expanduser()
+    if kind == "zoo":
+        from .zoo import builtin_zoo
+
+        splits = _as_splits(datasets.load_from_disk(str(builtin_zoo(uri))))
+        return Source(uri, "zoo", splits, _fingerprint_of(splits, "save_to_disk"))
+    if kind == "save_to_disk":
+        _check_saved_layout(path)
+        with _reading(f"save_to_disk folder {path}"):
+            splits = _as_splits(datasets.load_from_disk(str(path)))
+        return Source(str(path), "save_to_disk", splits, _fingerprint_of(splits, "save_to_disk"))
+    if kind == "safetensors":
+        return _open_safetensors_folder(path, labels_csv)
+    if kind == "files":
+        return _open_files(uri, _data_files(uri))
     return _open_hub(uri)
 
 
@@ -282,7 +295,8 @@ def _csv_text(path: Path) -> str:
 def _read_labels(path: Path) -> tuple[list[str], dict[str, list[str]]]:
     """(label column names, file name -> that file's label texts); refuses what csv would silently accept."""
     try:
-        lines = [row for row in csv.reader(io.StringIO(_csv_text(path), newline="")) if row]
+        # blank lines, and the all-empty rows spreadsheets leave below the data, are not rows
+        lines = [row for row in csv.reader(io.StringIO(_csv_text(path), newline="")) if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise PipelineError(f"labels CSV {path} is not valid CSV ({exc}); fix it") from None
     if len(lines) < 2:
@@ -375,8 +389,9 @@ def _tensor_features(headers: dict[str, dict[str, tuple[str, int]]], files: list
                                     "every adapter must have the same tensor layout")
     features = {}
     for name, (_, ndim) in first.items():
-        half = all(headers[f.name][name][0] == "F16" for f in files)
-        feature = datasets.Value("float16" if half else "float32")
+        kinds = {headers[f.name][name][0] for f in files}
+        # float64 stays float64 here, so materialize can tell a value too large for float32 from a NaN of the source.
+        feature = datasets.Value("float16" if kinds == {"F16"} else "float64" if "F64" in kinds else "float32")
         for _ in range(ndim):
             feature = datasets.List(feature)
         features[name] = feature

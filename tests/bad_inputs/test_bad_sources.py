@@ -111,6 +111,13 @@ def refused(kept_store: Path, *args, fragments=()) -> str:
     return line
 
 
+def refused_while_copying(store: Path, src: Path, *fragments: str) -> None:
+    """Values are only read while copying: one line, and the layer is left unmarked (verify and a rerun see it)."""
+    assert_one_line_error(run_cli("materialize", "--store", store, "--source", src, "--quiet"), *fragments)
+    root = open_store(store)
+    assert not any(root[f"raw/{split}/{KEY}"].attrs.get("complete") for split in ("train", "val", "test") if f"raw/{split}/{KEY}" in root)
+
+
 def api_refuses(source: Source, store: Path, **options) -> str:
     """The Python API refuses with one PipelineError line, writing nothing."""
     with pytest.raises(PipelineError) as info:
@@ -243,6 +250,26 @@ def test_float16_adapter_beside_float32_ones_is_not_cut(tmp_path):
     expected = np.stack([load_file(str(folder / f"m{i}.safetensors"))[DOWN].astype(np.float32) for i in range(3)])
     assert root[f"raw/train/{KEY}/A"].dtype == np.float32
     np.testing.assert_array_equal(root[f"raw/train/{KEY}/A"][...], expected)
+
+
+def test_csv_trailing_empty_rows_are_not_rows(tmp_path):
+    folder = adapters_folder(tmp_path / "a", labels="y\n1\n2\n3\n")
+    with open(folder / "labels.csv", "a") as handle:
+        handle.write(",\n,\n\n")
+    materialize_to(tmp_path / "s.zarr", folder)
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr")["labels/train/y"][...], [1, 2, 3])
+
+
+def test_float64_adapter_too_large_for_float32_is_named(tmp_path):
+    folder = adapters_folder(tmp_path / "a", dtypes=[np.float64] * 3)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / "m1.safetensors"))
+    tensors[UP] = np.full_like(tensors[UP], 1e39)
+    save_file(tensors, str(folder / "m1.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        refused_while_copying(tmp_path / "s.zarr", folder, "out of float32 range", "source row 1")
 
 
 # --- 3. the stored dtype: float16 only when every split of A and B is float16 ------------------------
@@ -437,6 +464,13 @@ def test_rank_zero_in_row_zero_is_named_as_such(tmp_path, kept_store):
     refused(kept_store, "--source", src, fragments=("row 0 has rank 0",))
 
 
+def test_up_matrix_of_another_height_in_row_zero_is_row_zero(tmp_path, kept_store):
+    rows = lora_rows(12)
+    rows[UP][0] = np.ones((4, 2))
+    src = matrix_dataset(tmp_path / "src", rows[DOWN], rows[UP])
+    refused(kept_store, "--source", src, fragments=("row 0 has 4 rows where the others have 5",))
+
+
 def test_up_down_rank_mismatch_names_the_ranks(tmp_path, kept_store):
     rows = lora_rows(12, rank=2)
     rows[UP][7] = np.ones((5, 3))
@@ -451,13 +485,6 @@ def test_null_value_is_called_missing(tmp_path, kept_store):
     src = matrix_dataset(tmp_path / "src", downs, rows[UP])
     line = refused(kept_store, "--source", src, fragments=("missing (null)", "row 4"))
     assert "NaN" not in line.split(";")[0]
-
-
-def refused_while_copying(store: Path, src: Path, *fragments: str) -> None:
-    """Values are only read while copying: one line, and the layer is left unmarked (verify and a rerun see it)."""
-    assert_one_line_error(run_cli("materialize", "--store", store, "--source", src, "--quiet"), *fragments)
-    root = open_store(store)
-    assert not any(root[f"raw/{split}/{KEY}"].attrs.get("complete") for split in ("train", "val", "test") if f"raw/{split}/{KEY}" in root)
 
 
 def test_value_out_of_float32_range_is_called_so_without_a_warning(tmp_path):
