@@ -3,6 +3,10 @@
 Accepted: a local ``save_to_disk`` folder (Dataset or DatasetDict); a folder or glob of parquet or
 arrow files; a folder of ``.safetensors`` adapters with a labels CSV; a hub dataset id; ``zoo:digits``
 (the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
+
+A labels CSV is UTF-8 (a byte-order mark is allowed), one row per file; a column's type comes from
+all its values (int64 if every value is an integer, float64 if every value is a number, else
+string; an empty cell is missing). A damaged or unreadable file is one PipelineError naming it.
 """
 
 from __future__ import annotations
