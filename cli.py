@@ -91,7 +91,10 @@ def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test
     given = {name: value for name, value in ctx.params.items()
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE and name != "store"}
     if "memory" in given:
-        given["memory"] = parse_size(memory)
+        try:
+            given["memory"] = parse_size(memory)
+        except click.BadParameter as exc:
+            raise PipelineError(f"--memory {exc.message}") from None
     if "labels" in given:
         given["labels"] = tuple(labels)
     config = resume_config(store or default_store(), given)

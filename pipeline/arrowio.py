@@ -54,40 +54,103 @@ def row_ranks(column: pa.ChunkedArray, name: str) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
-def _first_inner_length(column: pa.ChunkedArray) -> int:
-    for chunk in column.chunks:
-        if len(chunk):
-            return len(chunk[0].values[0]) if len(chunk[0].values) else 0
-    return 0
+def _usual(lengths: np.ndarray) -> int:
+    """The most common of ``lengths``, ties to the first: the odd row out is the one blamed, even when it is row 0."""
+    if not lengths.size:
+        return 0
+    counts = np.bincount(lengths)
+    return int(lengths[0]) if counts[lengths[0]] == counts.max() else int(counts.argmax())
+
+
+def _usual_inner_length(column: pa.ChunkedArray) -> int:
+    """The length most inner lists have (``in`` of a down matrix), from offsets only; a rank-0 row has no list at all."""
+    lengths = [pc.list_value_length(chunk.flatten()).fill_null(0).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    return _usual(np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64))
 
 
 def describe(column: pa.ChunkedArray, name: str, rank_axis: int, ranks: np.ndarray) -> MatrixColumn:
-    """Shape of a matrix column: the non-rank dimension must be equal in every row."""
+    """Shape of a matrix column: the non-rank dimension must be equal in every row, and every rank at least 1."""
     numpy_dtype = np.dtype(leaf_type(column.type).to_pandas_dtype())
     if rank_axis == 0:  # down (r, in): outer length is the rank, inner length is `in`
-        cols = _first_inner_length(column)
+        if (ranks == 0).any():
+            bad = int(np.flatnonzero(ranks == 0)[0])
+            raise PipelineError(f"column {name!r}: row {bad} has rank 0 (an empty matrix); every adapter needs rank >= 1, "
+                                "remove that adapter from the source")
+        cols = _usual_inner_length(column)
         return MatrixColumn(name, int(ranks.max(initial=0)), cols, 0, numpy_dtype)
     outer = row_ranks(column, name)  # up (out, r): outer length is `out`
-    if len(outer) and (outer != outer[0]).any():
-        bad = int(np.flatnonzero(outer != outer[0])[0])
-        raise PipelineError(f"column {name!r}: row {bad} has {outer[bad]} rows where row 0 has {outer[0]}; shapes must agree (except the rank)")
-    return MatrixColumn(name, int(outer[0]) if len(outer) else 0, int(ranks.max(initial=0)), 1, numpy_dtype)
+    out = _usual(outer)
+    if (outer != out).any():
+        bad = int(np.flatnonzero(outer != out)[0])
+        raise PipelineError(f"column {name!r}: row {bad} has {outer[bad]} rows where the others have {out}; shapes must agree (except the rank)")
+    return MatrixColumn(name, out, int(ranks.max(initial=0)), 1, numpy_dtype)
+
+
+def null_row(column: pa.ChunkedArray) -> int | None:
+    """The first row holding a missing (null) inner list or value, else None. Validity bitmaps only."""
+    start = 0
+    for chunk in column.chunks:
+        inner = chunk.flatten()
+        values = inner.flatten()
+        if inner.null_count or values.null_count:
+            outer_len = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+            inner_len = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False)
+            row_of_list = np.repeat(np.arange(len(chunk)), outer_len)
+            lists = np.flatnonzero(inner.is_null().to_numpy(zero_copy_only=False))
+            if values.null_count:  # the inner list that holds the first null value
+                first_value = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+                value_list = int(np.searchsorted(np.cumsum(inner_len), first_value, side="right"))
+                lists = np.append(lists, value_list)
+            return start + int(row_of_list[lists.min()])
+        start += len(chunk)
+    return None
 
 
 def check_shapes(column: pa.ChunkedArray, spec: MatrixColumn, ranks: np.ndarray) -> None:
     """Refuse rows whose shape differs (other than by rank) before anything is written.
 
-    Cheap: per Arrow chunk it compares value counts from offsets; only a chunk that disagrees is
-    inspected row by row (by ``_padded_chunk``) to name the row.
+    Cheap: per Arrow chunk it compares every inner list's length, read from the offsets (never the
+    values), with what the row's rank says it must be; no per-row Python.
     """
     start = 0
     for chunk in column.chunks:
-        n = len(chunk)
-        total = int(ranks[start:start + n].sum())
-        expected = total * spec.cols if spec.rank_axis == 0 else spec.rows * total
-        if len(chunk.flatten().flatten()) != expected:
-            _padded_chunk(chunk, spec, ranks, start)  # raises, naming the row
-        start += n
+        _inner_lengths(chunk, spec, ranks[start:start + len(chunk)], start)
+        start += len(chunk)
+
+
+def _shape_error(spec: MatrixColumn, row: int, detail: str) -> PipelineError:
+    return PipelineError(f"column {spec.name!r}: row {row} {detail}; every row of a column must have the same shape except the rank")
+
+
+def _inner_lengths(chunk: pa.Array, spec: MatrixColumn, chunk_ranks: np.ndarray, first_row: int) -> np.ndarray:
+    """Lengths of the chunk's inner lists, checked against the spec and each row's rank (raises naming the row).
+
+    The outer lengths were checked already (they are the ranks of a down matrix, and ``out`` of an up one).
+    """
+    n = len(chunk)
+    lengths = pc.list_value_length(chunk.flatten()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if spec.rank_axis == 0:  # down: row i holds ranks[i] inner lists of length `cols`
+        if lengths.size != int(chunk_ranks.sum()):
+            raise _shape_error(spec, first_row, "disagrees with the ranks read from this column")
+        bad = np.flatnonzero(lengths != spec.cols)
+        if bad.size:
+            row = first_row + int(np.repeat(np.arange(n), chunk_ranks)[bad[0]])
+            raise _shape_error(spec, row, f"has a list of {lengths[bad[0]]} values where the others have {spec.cols}")
+        return lengths
+    if lengths.size != n * spec.rows:  # up: row i holds `rows` inner lists of length ranks[i]
+        raise _shape_error(spec, first_row, f"disagrees with the {spec.rows} rows of the others")
+    per_row = lengths.reshape(n, spec.rows)
+    ragged = np.flatnonzero((per_row != per_row[:, :1]).any(axis=1)) if spec.rows else np.array([], dtype=np.int64)
+    if ragged.size:
+        i = int(ragged[0])
+        raise _shape_error(spec, first_row + i, f"has lists of {per_row[i].min()} to {per_row[i].max()} values (it is not a matrix)")
+    if spec.rows:
+        wrong = np.flatnonzero(per_row[:, 0] != chunk_ranks)
+        if wrong.size:
+            i = int(wrong[0])
+            raise PipelineError(f"column {spec.name!r}: row {first_row + i} has rank {per_row[i, 0]} but its down matrix has rank "
+                                f"{chunk_ranks[i]}; a module's up and down matrices must have the same rank")
+    return lengths
 
 
 def _chunk_values(chunk: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -99,23 +162,14 @@ def _chunk_values(chunk: pa.Array) -> tuple[np.ndarray, pa.Array]:
 def _padded_chunk(chunk: pa.Array, spec: MatrixColumn, ranks: np.ndarray, first_row: int) -> np.ndarray:
     """(n, rows, cols) of one Arrow chunk: a zero-copy view when all shapes agree, else zero-padded."""
     n = len(chunk)
-    values, inner = _chunk_values(chunk)
     chunk_ranks = ranks[first_row:first_row + n]
+    lengths = _inner_lengths(chunk, spec, chunk_ranks, first_row)  # offsets only; a wrong shape is never reshaped
+    values, inner = _chunk_values(chunk)
     full = spec.rows if spec.rank_axis == 0 else spec.cols
-    if values.size == n * spec.rows * spec.cols and (chunk_ranks == full).all():
+    if (chunk_ranks == full).all():
         return values.reshape(n, spec.rows, spec.cols)
-    lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
-    if spec.rank_axis == 0:  # down: row i holds ranks[i] inner lists of length `cols`
-        expected = np.full(int(chunk_ranks.sum()), spec.cols)
+    if spec.rank_axis == 0:
         row_of_list = np.repeat(np.arange(n), chunk_ranks)
-    else:  # up: row i holds `rows` inner lists of length ranks[i]
-        expected = np.repeat(chunk_ranks, spec.rows)
-        row_of_list = np.repeat(np.arange(n), spec.rows)
-    if lengths.size != expected.size or (lengths != expected).any():
-        bad = np.flatnonzero(lengths[:expected.size] != expected[:lengths.size])
-        row = first_row + int(row_of_list[bad[0]] if bad.size else row_of_list[-1] if row_of_list.size else 0)
-        raise PipelineError(f"column {spec.name!r}: row {row} has a different shape than the others; "
-                            "every row of a column must have the same shape except the rank")
     out = np.zeros((n, spec.rows, spec.cols), dtype=values.dtype)
     list_id = np.repeat(np.arange(lengths.size), lengths)  # which inner list each value belongs to
     within = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -136,7 +190,8 @@ def gather(column: pa.ChunkedArray, spec: MatrixColumn, ranks: np.ndarray, rows:
         hit = np.flatnonzero((rows >= start) & (rows < stop))
         if hit.size:
             view = _padded_chunk(chunk, spec, ranks, start)
-            out[hit] = view[rows[hit] - start]
+            with np.errstate(over="ignore", invalid="ignore"):  # a value cut to inf is named by the caller's finiteness check
+                out[hit] = view[rows[hit] - start]
         start = stop
     return out
 

@@ -77,6 +77,7 @@ def pair_modules(columns: list[str]) -> tuple[list[Module], list[str]]:
             raise PipelineError(f"module {module!r} has two {role} columns: {slot[role]!r} and {column!r}; rename one")
         slot[role] = column
         schemes[module] = scheme
+    _refuse_prefix_twins(found)
     alphas = {}
     for column in columns:
         match = _ALPHA.match(column)
@@ -98,6 +99,15 @@ def pair_modules(columns: list[str]) -> tuple[list[Module], list[str]]:
         used_keys.add(key)
         modules.append(Module(name, key, schemes[name], slot["A"], slot["B"], alphas.get(name)))
     return modules, sorted(alphas.values())
+
+
+def _refuse_prefix_twins(found: dict[str, dict[str, str]]) -> None:
+    """One module named with and without the ``unet.`` prefix is one adapter layer stored twice: refuse it."""
+    for name in found:
+        if name.startswith("unet.") and name[len("unet."):] in found:
+            twin = found[name[len("unet."):]]
+            raise PipelineError(f"module {name!r} appears twice, as {next(iter(found[name].values()))!r} and {next(iter(twin.values()))!r} "
+                                "(with and without the 'unet.' prefix); keep one of the two columns")
 
 
 def select_modules(modules: list[Module], pattern: str | None) -> list[Module]:

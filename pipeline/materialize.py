@@ -22,10 +22,15 @@ from . import arrowio, leases, store
 from .errors import PipelineError
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
-from .splits import SplitPlan, plan_splits
+from .splits import SplitPlan, check_split_options, plan_splits
 
 GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
+
+
+def _positive(value) -> bool:
+    """A finite number above 0 (nan and inf fail: they would make chunk and batch sizes meaningless)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class MaterializeConfig:
     allow_nonfinite: bool = False
     overwrite: bool = False
     quiet: bool = False
+
+    def __post_init__(self):
+        # The one place options are checked, so the Python API refuses what the CLI refuses.
+        check_split_options(self.test_size, self.val_test_size, self.split_seed)
+        if not _positive(self.chunk_mb):
+            raise PipelineError(f"--chunk-mb {self.chunk_mb!r} is not a size in MB above 0 (e.g. 4)")
+        if not _positive(self.memory):
+            raise PipelineError(f"--memory {self.memory!r} is not a budget above 0 bytes (e.g. 1GiB)")
 
 
 @dataclass(frozen=True)
@@ -93,12 +106,32 @@ def _scalar_kind(arrow_type: pa.DataType) -> str | None:
     return None
 
 
-def _label_plan(source: Source, columns: list[str], schema: pa.Schema) -> dict[str, dict]:
+def _label_kind(source: Source, name: str) -> str | None:
+    """The kind of a label column in every split: integers in one split and floats in another are floats."""
+    kinds = {split: _scalar_kind(ds.data.schema.field(name).type) for split, ds in source.splits.items()}
+    found = set(kinds.values())
+    if len(found) == 1:
+        return found.pop()
+    if found == {"integer", "float"}:
+        return "float"
+    first_split, first_kind = next(iter(kinds.items()))
+    other_split, other_kind = next((split, kind) for split, kind in kinds.items() if kind != first_kind)
+    raise PipelineError(f"column {name!r} holds {first_kind or 'non-scalar'} values in source split {first_split!r} but "
+                        f"{other_kind or 'non-scalar'} values in {other_split!r}; give it one type in every split")
+
+
+def _label_plan(source: Source, columns: list[str], id_column: str | None = None) -> dict[str, dict]:
     labels = {}
-    for name in columns:
-        kind = _scalar_kind(schema.field(name).type)
+    for name in columns:  # each is stored under its own key (store.label_keys), apart from the bookkeeping in index/
+        kind = _label_kind(source, name)
         if kind is None:
             continue
+        if kind in ("integer", "bool"):  # no missing code for these: refuse now, before anything is written
+            for split, ds in source.splits.items():
+                missing = ds.data.column(name).null_count
+                if missing:
+                    raise PipelineError(f"label {name!r} has {missing} missing value(s) in source split {split!r}; "
+                                        "fill them or drop the column")
         info = {"kind": kind, "column": name}
         if kind == "categorical":
             values = set()
@@ -129,7 +162,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     all_lora = {c for m in all_modules for c in (m.down, m.up)}
     id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
-    labels = _label_plan(source, label_candidates, schema)
+    labels = _label_plan(source, label_candidates, id_column)
     for wanted in config.labels:
         if wanted not in labels:
             scalar = ", ".join(labels) or "none"
@@ -143,8 +176,18 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     module_plans = []
     for module in modules:
         for column in (module.down, module.up):
-            if not arrowio.is_matrix_column(schema.field(column).type):
-                raise PipelineError(f"column {column!r} is not a matrix (nested list of numbers) but {schema.field(column).type}")
+            for split, ds in source.splits.items():  # every split: arrowio reads offsets of whatever it is given
+                arrow_type = ds.data.schema.field(column).type
+                if not arrowio.is_matrix_column(arrow_type):
+                    where = f" in source split {split!r}" if len(source.splits) > 1 else ""
+                    raise PipelineError(f"column {column!r} is not a matrix (nested list of numbers){where} but {arrow_type}")
+        if not config.allow_nonfinite:  # a null would be read as NaN: name it for what it is
+            for name, ds in source.splits.items():
+                for column in (module.down, module.up):
+                    row = arrowio.null_row(ds.data.column(column))
+                    if row is not None:
+                        raise PipelineError(f"layer {column!r} has a missing (null) value in row {row} of source split {name!r}; "
+                                            "fill it, or rerun with --allow-nonfinite to store it as NaN")
         ranks = {name: arrowio.row_ranks(ds.data.column(module.down), module.down) for name, ds in source.splits.items()}
         downs = [arrowio.describe(ds.data.column(module.down), module.down, 0, ranks[n]) for n, ds in source.splits.items()]
         ups = [arrowio.describe(ds.data.column(module.up), module.up, 1, ranks[n]) for n, ds in source.splits.items()]
@@ -157,7 +200,7 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
             raise PipelineError(f"module {module.name!r} has different shapes in different splits")
         if down.rows != up.cols:
             raise PipelineError(f"module {module.name!r}: down has rank {down.rows} but up has rank {up.cols}")
-        half = down.dtype == np.float16 and up.dtype == np.float16
+        half = all(c.dtype == np.float16 for c in downs + ups)  # one float32 split anywhere would be cut to float16
         alpha = None
         if module.alpha:
             values = np.unique(np.concatenate([ds.data.column(module.alpha).to_numpy(zero_copy_only=False) for ds in source.splits.values()]))
@@ -278,14 +321,30 @@ def _batches(n: int, chunk: int, row_bytes: int, budget: int):
         yield start, min(n, start + per_batch)
 
 
-def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray) -> None:
+def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray, source_row=None) -> None:
+    """Refuse a non-finite value; ``source_row(i)`` (row i of the batch in the source's own dtype) tells
+    a NaN or Inf of the source from a finite value too large for the stored dtype."""
     finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-    if not finite.all():
-        row = int(source_rows[np.flatnonzero(~finite)[0]])
+    if finite.all():
+        return
+    i = int(np.flatnonzero(~finite)[0])
+    row = int(source_rows[i])
+    if source_row is not None and np.isfinite(source_row(i)).all():
+        limit = np.finfo(values.dtype).max
         raise PipelineError(
-            f"layer {column!r} has NaN or Inf in source row {row}; fix the data or rerun with --allow-nonfinite "
-            "(finished layers are kept)"
+            f"layer {column!r} has a value out of {values.dtype} range (|x| > {limit:g}) in source row {row}; "
+            "rescale or fix the data, or rerun with --allow-nonfinite to store it as Inf (finished layers are kept)"
         )
+    raise PipelineError(
+        f"layer {column!r} has NaN or Inf in source row {row}; fix the data or rerun with --allow-nonfinite "
+        "(finished layers are kept)"
+    )
+
+
+def _as_in_source(column: pa.ChunkedArray, spec: arrowio.MatrixColumn, ranks: np.ndarray, rows: np.ndarray):
+    """Row i of a batch in the source's own dtype; read only when a value is not finite, to say why."""
+    dtype = arrowio.leaf_type(column.type).to_pandas_dtype()
+    return lambda i: arrowio.gather(column, spec, ranks, rows[i:i + 1], dtype)
 
 
 class _Writer:
@@ -326,9 +385,10 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
         # A third of the budget per batch: one being gathered, one being written, and zarr's buffers.
         for start, stop in _batches(n, chunk, row_bytes, config.memory // 3):
             rows = split.rows[start:stop]
-            values = arrowio.gather(table.column(column), spec, mp.ranks[split.source_split], rows, mp.dtype)
+            ranks = mp.ranks[split.source_split]
+            values = arrowio.gather(table.column(column), spec, ranks, rows, mp.dtype)
             if not config.allow_nonfinite:
-                _check_finite(values, column, rows)
+                _check_finite(values, column, rows, _as_in_source(table.column(column), spec, ranks, rows))
             writer.write(array, start, stop, values)
             written += values.nbytes
     if mp.rank_varies:
@@ -396,7 +456,7 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
         from .synthetic import builtin_dataset
 
         config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
-    source = source or open_source(config.source, config.labels_csv)
+    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it
     store.check_writable(config.store)

@@ -22,24 +22,47 @@ class SplitPlan:
     rows: np.ndarray  # int64 row indices into the source split
 
 
+MIN_SPLIT_ROWS = 1  # an empty split is refused; a one-row split is what the original made of 11 rows, so it stays
+
+
+def check_split_options(test_size: float, val_test_size: float, seed: int) -> None:
+    """Refuse split options the datasets library would reject with a traceback, or quietly misread."""
+    for option, value in (("--test-size", test_size), ("--val-test-size", val_test_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # nan fails 0 < nan
+            raise PipelineError(f"{option} {value!r} is not a share strictly between 0 and 1 (e.g. 0.3)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PipelineError(f"--split-seed {seed!r} is not a whole number >= 0")
+
+
 def original_split(n: int, test_size: float = 0.3, val_test_size: float = 0.67, seed: int = 42) -> dict[str, np.ndarray]:
     """The original experiment's split of ``n`` rows, made by the datasets library itself.
 
     ``train_test_split`` depends only on the row count and the seed, so running it on a table of
     row numbers gives exactly the rows the full dataset would give, without touching the weights.
-    Ten rows or fewer: every split is all rows (as the original did).
+    Ten rows or fewer: every split is all rows (as the original did). More: every split must get
+    at least ``MIN_SPLIT_ROWS`` rows, else the sizes are refused (the library's own rounding decides).
     """
+    check_split_options(test_size, val_test_size, seed)
     if n <= 10:
         every = np.arange(n, dtype=np.int64)
         return {"train": every, "val": every.copy(), "test": every.copy()}
+    too_small = (f"--test-size {test_size} and --val-test-size {val_test_size} leave {{}} of the {n} rows; "
+                 f"choose sizes that leave rows in each of train, val and test")
     table = datasets.Dataset.from_dict({"i": np.arange(n, dtype=np.int64)})
-    first = table.train_test_split(test_size=test_size, seed=seed)
-    second = first["test"].train_test_split(test_size=val_test_size, seed=seed)
-    return {
+    try:
+        first = table.train_test_split(test_size=test_size, seed=seed)
+        second = first["test"].train_test_split(test_size=val_test_size, seed=seed)
+    except ValueError:  # the library refuses a size that rounds to no row at all (e.g. a held-out part of one row)
+        raise PipelineError(too_small.format("no row in one split")) from None
+    made = {
         "train": np.asarray(first["train"]["i"], dtype=np.int64),
         "val": np.asarray(second["train"]["i"], dtype=np.int64),
         "test": np.asarray(second["test"]["i"], dtype=np.int64),
     }
+    for name, rows in made.items():
+        if len(rows) < MIN_SPLIT_ROWS:
+            raise PipelineError(too_small.format(f"{len(rows)} row(s) in {name}"))
+    return made
 
 
 def plan_splits(sizes: dict[str, int], test_size: float, val_test_size: float, seed: int) -> list[SplitPlan]:

@@ -50,6 +50,8 @@ _BATCH = 256  # rows generated at once; fixed so the data do not depend on memor
 
 def sd15_modules(projections: tuple[str, ...] = ("q", "v")) -> list[LoraModule]:
     """The SD-1.5 attention LoRA modules for the given projections, with real names and shapes."""
+    if not projections:
+        raise PipelineError("--modules names no projection; give some of q,k,v,out (e.g. q,v)")
     unknown = sorted(set(projections) - set(PROJECTIONS))
     if unknown:
         raise PipelineError(f"--modules: unknown projection(s) {', '.join(unknown)}; choose from q,k,v,out")
