@@ -71,3 +71,38 @@ def client_for(scheduler: str | None, workers: int | None, dashboard: bool = Fal
     if dashboard:
         print(f"dask dashboard: http://127.0.0.1:{cluster.scheduler.http_server.port}/status", file=sys.stderr)  # the user asked for it: say where
     return Client(cluster), cluster
+
+
+class Session:
+    """A stage's dask client, made once and closed at exit.
+
+    A remote scheduler is reached at construction, so an unreachable one is refused before the caller
+    changes anything in the store; a local cluster starts on first use (not at all when nothing is to do).
+    """
+
+    def __init__(self, scheduler: str | None, workers: int | None, dashboard: bool = False):
+        self._args = (scheduler, workers, dashboard)
+        self._client, self.cluster = (client_for(*self._args) if scheduler_address(scheduler) else (None, None))
+
+    @property
+    def local(self) -> bool:
+        """The tasks run on a cluster this process started (known once ``client()`` was called)."""
+        return self.cluster is not None
+
+    def client(self):
+        if self._client is None:
+            self._client, self.cluster = client_for(*self._args)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        self._client = self.cluster = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
