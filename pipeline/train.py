@@ -75,11 +75,11 @@ class TrainConfig:
     dashboard: bool = False  # serve the local cluster's dask dashboard (on 127.0.0.1)
 
     def __post_init__(self):
-        finite = all(math.isfinite(v) for v in (self.dropout, self.lr, self.weight_decay, self.plateau_factor))
+        finite = math.isfinite  # NaN fails every comparison below, but inf passes "> 0"
         checks = [("runs", 1 <= self.runs <= MAX_RUNS, f"1 to {MAX_RUNS}"), ("hidden", 1 <= self.hidden <= MAX_WIDTH, f"1 to {MAX_WIDTH}"),
                   ("depth", 1 <= self.depth <= MAX_DEPTH, f"1 to {MAX_DEPTH}"), ("dropout", 0 <= self.dropout < 1, "0 <= p < 1"),
-                  ("lr", finite and self.lr > 0, "a finite number > 0"),
-                  ("weight-decay", finite and self.weight_decay >= 0, "a finite number >= 0"),
+                  ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
+                  ("weight-decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
                   ("batch-size", self.batch_size >= 2, "2 or more"), ("epochs", self.epochs >= 1, "1 or more"),
                   ("patience", self.patience >= 1, "1 or more"), ("plateau-patience", self.plateau_patience >= 0, "0 or more"),
                   ("plateau-factor", 0 < self.plateau_factor < 1, "0 < f < 1"),
