@@ -239,11 +239,12 @@ def test_disk_full_during_train_keeps_work_and_resumes(featured_small, tmp_path,
 # --- 4, 5. errors inside dask tasks ----------------------------------------------------------------------
 
 
-def test_nonfinite_raw_weights_are_named_in_one_line(tmp_path, capfd):
+@pytest.mark.parametrize("workers", [(), ("--workers", "1")], ids=["in-process", "worker-process"])
+def test_nonfinite_raw_weights_are_named_in_one_line(tmp_path, capfd, workers):
     store = tmp_path / "nan.zarr"
     materialize_to(store, nonfinite_dataset(tmp_path / "ds"), allow_nonfinite=True)
     capfd.readouterr()
-    result = run_cli("features", "--store", store, "--rep", REP, "--quiet")
+    result = run_cli("features", "--store", store, "--rep", REP, "--quiet", *workers)
     assert_one_line_error(result, "raw weights of split", "--allow-nonfinite")
     assert "Compute Failed" not in capfd.readouterr().err
 
