@@ -802,7 +802,9 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
         for name in setup.reps:
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
-    load_labels(root, config.store, config.label)
+    _, targets, task, _ = load_labels(root, config.store, config.label)
+    if task == "regression":
+        target_scale(targets, config.label)
     summary = TrainSummary()
     try:
         if config.workers or cluster.scheduler_address(config.scheduler):
