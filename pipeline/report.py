@@ -221,7 +221,15 @@ def write_report(path: str, out: str | Path | None = None) -> ReportSummary:
             raise PipelineError(f"cannot create report folder {chosen} ({exc.strerror}); choose another --out") from None
         chosen = Path("stores") / chosen.name  # beside a read-only shared store: here instead
         chosen.mkdir(parents=True, exist_ok=True)
-    out = chosen
+    try:
+        return _write_files(chosen, path, configs, rows)
+    except OSError as exc:  # a full disk or a folder that vanished: one line, the store is only read
+        raise PipelineError(f"cannot write the report to {chosen} ({exc.strerror or exc}); free space or choose "
+                            "another --out, then rerun") from None
+
+
+def _write_files(out: Path, path: str, configs: list[Config], rows: list[dict]) -> ReportSummary:
+    """results.csv, the figures and results.md (last: it links the figures) into ``out``."""
     files = [out / "results.csv", out / "results.md"]
     with open(files[0], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
