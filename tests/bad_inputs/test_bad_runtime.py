@@ -304,6 +304,31 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_is_correct(small_store, feature
             np.testing.assert_array_equal(store_arrays(store)[name], values, err_msg=name)
 
 
+def test_ctrl_c_during_train_resumes_to_the_clean_result(featured_small, tmp_path, monkeypatch):
+    clean = copy_store(featured_small, tmp_path / "clean.zarr")
+    assert run_cli("train", "--store", clean, "--rep", REP, "--layers", "all,visual", *FAST).exit_code == 0
+    store = copy_store(featured_small, tmp_path / "s.zarr")
+    real, calls = train.write_runs, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the second configuration is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "write_runs", interrupted)
+    result = run_cli("train", "--store", store, "--rep", REP, "--layers", "all,visual", *FAST)
+    assert result.exit_code == 130 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "rerun `pipeline train --store" in result.output
+    monkeypatch.undo()
+    assert run_cli("train", "--store", store, "--rep", REP, "--layers", "all,visual", *FAST).exit_code == 0
+    want = {k: v for k, v in store_arrays(clean).items() if k.startswith("runs")}
+    got = {k: v for k, v in store_arrays(store).items() if k.startswith("runs")}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 # --- 7. empty names ---------------------------------------------------------------------------------
 
 
