@@ -23,7 +23,7 @@ def parse_size(text: str) -> int:
 
 
 class _Group(click.Group):
-    """Turns a PipelineError into one line on stderr and exit code 2, without a traceback; Ctrl-C into
+    """Turns a PipelineError (or a click usage error) into one line on stderr and exit code 2, without a traceback; Ctrl-C into
     one line that says what stopped and the command that resumes it, and exit code 130 (128 + SIGINT)."""
 
     def invoke(self, ctx):
@@ -32,6 +32,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PipelineError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:  # click's "Usage: ... Try ... Error: ..." block, as one line
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            click.echo(f"error: {message}; see `pipeline {args[0] if args else ''} --help`", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo(f"error: {interrupted_message(args)}", err=True)

@@ -174,6 +174,12 @@ def test_train_options_out_of_range_are_refused(small_store, option, value):
     assert file_snapshot(small_store) == before
 
 
+@pytest.mark.parametrize("args, fragment", [(("features", "--workers", "abc"), "--workers"), (("train", "--runs", "x"), "--runs"),
+                                             (("train", "--no-such-option"), "--no-such-option")])
+def test_unparsable_options_are_one_line(small_store, args, fragment):
+    assert_one_line_error(run_cli(*args, "--store", small_store), fragment, "--help")
+
+
 def test_the_python_api_refuses_them_too():
     with pytest.raises(PipelineError, match="--runs"):
         TrainConfig(runs=10 ** 20)
