@@ -14,9 +14,10 @@ import datasets
 import numpy as np
 import psutil
 import pytest
+import zarr
 from zarr.storage import LocalStore
 
-from conftest import (SMALL_LAYERS, assert_one_line_error, file_snapshot, lora_rows, materialize_to, run_cli,
+from conftest import (assert_one_line_error, file_snapshot, lora_rows, materialize_to, run_cli,
                       save_matrix_dataset, store_arrays)
 from pipeline import cluster, features, train
 from pipeline.errors import PipelineError
@@ -149,7 +150,7 @@ def test_a_fine_float_label_still_trains(labelled_store, tmp_path):
     store = copy_store(labelled_store, tmp_path / "s.zarr")
     result = run_cli("train", "--store", store, "--rep", REP, "--label", "fine", *FAST)
     assert result.exit_code == 0, result.output
-    (group,) = [g for _, g in __import__("zarr").open_group(str(store), mode="r")["runs"].groups()]
+    (group,) = [g for _, g in zarr.open_group(str(store), mode="r")["runs"].groups()]
     assert all(group[f"run-{r:03d}"].attrs["complete"] for r in range(2))
 
 
