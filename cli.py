@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import sys
 
 import click
 
+from pipeline.commands import quoted
 from pipeline.errors import PipelineError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -22,17 +24,42 @@ def parse_size(text: str) -> int:
 
 
 class _Group(click.Group):
-    """Turns a PipelineError into one line on stderr and exit code 2, without a traceback."""
+    """Turns a PipelineError (or a click usage error) into one line on stderr and exit code 2, without a traceback; Ctrl-C into
+    one line that says what stopped and the command that resumes it, and exit code 130 (128 + SIGINT)."""
 
     def invoke(self, ctx):
+        args = [*ctx._protected_args, *ctx.args]  # the command line after `pipeline`, before click consumes it
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.UsageError as exc:  # click's "Usage: ... Try ... Error: ..." block, as one line
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            click.echo(f"error: {message}; see `pipeline {args[0] if args else ''} --help`", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(f"error: {interrupted_message(args)}", err=True)
+            sys.exit(130)
 
 
-store_option = click.option("--store", default=None, help="Store path (default: $PIPELINE_STORE or stores/default.zarr).")
+def interrupted_message(args: list[str]) -> str:
+    """What Ctrl-C stopped, that finished work is kept, and the command (shell-quoted) that resumes it."""
+    command = shlex.join(["pipeline", *args])
+    name = f"`pipeline {args[0]}`" if args else "the command"
+    return f"interrupted: {name} stopped; finished work is kept: rerun `{command}` to resume"
+
+
+def _store_path(ctx, param, value):
+    if value is not None and not value.strip():
+        raise PipelineError("--store is empty; give a store path, or leave --store out for $PIPELINE_STORE or stores/default.zarr")
+    return value
+
+
+store_option = click.option("--store", default=None, callback=_store_path,
+                            help="Store path (default: $PIPELINE_STORE or stores/default.zarr).")
+dashboard_option = click.option("--dashboard", is_flag=True,
+                                help="Serve the local dask cluster's dashboard, on 127.0.0.1 only (its address goes to stderr).")
 
 
 @click.group(cls=_Group)
@@ -163,13 +190,14 @@ def _say_waiting(what: str, holder) -> None:
 @click.option("--rep", "reps", default="all", show_default=True, help="Representations: all, or a comma-separated list.")
 @click.option("--split", "splits", default="all", show_default=True, help="Splits: all, or a comma-separated list.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes.")
+@click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes (0: in this process).")
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
 @click.option("--force", is_flag=True, help="Recompute even representations that are up to date.")
 @click.option("--output", default=None, help="Write the features to this store of your own (for a read-only --store).")
 @click.option("--list", "list_reps", is_flag=True, help="List the representations and exit.")
+@dashboard_option
 @click.option("--quiet", is_flag=True)
-def features(store, reps, splits, device, workers, scheduler, force, output, list_reps, quiet):
+def features(store, reps, splits, device, workers, scheduler, force, output, list_reps, dashboard, quiet):
     """Compute representations of every layer into the store, in one pass over the raw chunks."""
     from pipeline import progress, representations
     from pipeline.features import FeaturesConfig, compute_features
@@ -181,7 +209,7 @@ def features(store, reps, splits, device, workers, scheduler, force, output, lis
             click.echo(f"{row['name']:16} {row['kind']:7} {row['width']:5}  {row['version']:7}  {row['invariance']}")
         return
     config = FeaturesConfig(store=store or default_store(), reps=reps, splits=splits, device=device, workers=workers,
-                            scheduler=scheduler, force=force, quiet=quiet, output=output)
+                            scheduler=scheduler, force=force, quiet=quiet, output=output, dashboard=dashboard)
     summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"),
                                on_wait=None if quiet else lambda split, rep, holder: _say_waiting(f"{rep} on {split}", holder))
     if not quiet:
@@ -215,11 +243,13 @@ def features(store, reps, splits, device, workers, scheduler, force, output, lis
 @click.option("--plateau-factor", default=0.5, show_default=True)
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
 @click.option("--output", default=None, help="Write the runs to this store of your own (for a read-only --store).")
-@click.option("--workers", type=int, default=None, help="Train configurations in parallel on a local dask cluster of N processes.")
+@click.option("--workers", type=int, default=None,
+              help="Train configurations in parallel on a local dask cluster of N processes (0: in this process).")
 @click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
+@dashboard_option
 @click.option("--quiet", is_flag=True)
 def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, dropout, lr, weight_decay, batch_size, epochs,
-          patience, plateau_patience, plateau_factor, force, output, workers, scheduler, quiet):
+          patience, plateau_patience, plateau_factor, force, output, workers, scheduler, dashboard, quiet):
     """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
     from pipeline.store import default_store
     from pipeline.train import TrainConfig, train as run
@@ -228,7 +258,7 @@ def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, 
                          model=model, device=device, hidden=hidden, depth=depth, dropout=dropout, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                          plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet,
-                         workers=workers, scheduler=scheduler, output=output)
+                         workers=workers, scheduler=scheduler, output=output, dashboard=dashboard)
 
     def echo(result):
         if not quiet:
@@ -295,7 +325,7 @@ def verify(store, repair, quiet):
         for command in commands:
             click.echo(f"  {command}")
     else:
-        click.echo(f"run `pipeline verify --store {path} --repair`, then the repair commands above")
+        click.echo(f"run {quoted('verify', path, '--repair')}, then the repair commands above")
     sys.exit(1)
 
 

@@ -12,6 +12,7 @@ Why tasks span all modules of a chunk rather than one module: every zarr read or
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass, replace
 
@@ -39,6 +40,12 @@ class FeaturesConfig:
     force: bool = False
     quiet: bool = False
     output: str | None = None  # write the features here (a personal store) when ``store`` is read-only
+    dashboard: bool = False  # serve the local cluster's dask dashboard (on 127.0.0.1)
+
+    def __post_init__(self):
+        cluster_mod.check_workers(self.workers)
+        if self.splits.strip() != "all" and not [s for s in self.splits.split(",") if s.strip()]:
+            raise PipelineError(f"--split {self.splits!r} names no split; use all, or a comma-separated list like train,val")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,14 @@ class Task:
     n_layers: int
     reps: tuple[str, ...]  # representations this task computes (those not done for this chunk)
     device: str
+
+
+def disk_full(exc: OSError, location: str) -> PipelineError | None:
+    """The one-line error for a full disk or quota while writing ``location`` (None for other OSErrors)."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None
+    return PipelineError(f"no space left while writing {location} ({exc.strerror or 'disk full'}); finished work is kept: "
+                         "free space and rerun the same command to resume")
 
 
 def resolve_device(device: str) -> str:
@@ -111,6 +126,14 @@ def read_raw(group: zarr.Group, role: str, start: int, stop: int) -> np.ndarray:
     return group[role][start:stop]
 
 
+def _check_raw_finite(task: Task, key: str, a: np.ndarray, b: np.ndarray) -> None:
+    """Refuse raw weights with NaN/Inf (a store kept with --allow-nonfinite): no representation of them is meaningful."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise PipelineError(f"the raw weights of split {task.split!r} have NaN or Inf (module {key}, models {task.start}-"
+                            f"{task.stop}): the store was materialized with --allow-nonfinite; fix or drop those adapters in "
+                            "the source and rematerialize without it, or leave that split out with --split")
+
+
 def run_task(task: Task) -> tuple[int, int]:
     """Compute ``task``; returns (bytes of raw read, number of modules). Runs on a dask worker."""
     root = zarr.open_group(store.zarr_store(task.store), mode="r+", zarr_format=3)
@@ -125,6 +148,7 @@ def run_task(task: Task) -> tuple[int, int]:
         group = raw[f"raw/{task.split}/{module.key}"]
         a = read_raw(group, "A", task.start, task.stop)
         b = read_raw(group, "B", task.start, task.stop)
+        _check_raw_finite(task, module.key, a, b)
         nbytes += a.nbytes + b.nbytes
         rank = group["rank"][task.start:task.stop] if module.rank_varies else np.full(n, module.rank)
         alpha = group["alpha"][task.start:task.stop] if module.alpha_varies else module.alpha
@@ -169,6 +193,8 @@ def _splits(attrs: dict, wanted: str) -> list[str]:
     if wanted == "all":
         return available
     chosen = [s.strip() for s in wanted.split(",") if s.strip()]
+    if not chosen:
+        raise PipelineError(f"--split {wanted!r} names no split; the store has {', '.join(available)}")
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise PipelineError(f"unknown split {unknown[0]!r}; the store has {', '.join(available)}")
@@ -304,26 +330,45 @@ def _finish(config: FeaturesConfig, computed: dict) -> None:
                                                      "created_at": store.provenance()["at"]})
 
 
-def _run_tasks(config: FeaturesConfig, tasks: list[Task], progress) -> None:
+def _task_result(future, task: Task, location: str):
+    """A finished task's result; its failure as one line (a PipelineError as it is, a full disk as such)."""
+    try:
+        return future.result()
+    except PipelineError:
+        raise
+    except OSError as exc:
+        full = disk_full(exc, location)
+        if full is not None:
+            raise full from None
+        raise _task_failed(task, exc) from None
+    except Exception as exc:  # noqa: BLE001 - anything else a task raises is named, in one line
+        raise _task_failed(task, exc) from None
+
+
+def _task_failed(task: Task, exc: BaseException) -> PipelineError:
+    detail = " ".join(str(exc).split()) or "no message"
+    return PipelineError(f"feature task {task.split} models {task.start}-{task.stop} failed: {type(exc).__name__}: {detail}; "
+                         "finished chunks are kept: rerun the same command to resume (report it if it fails again)")
+
+
+def _run_tasks(config: FeaturesConfig, session: cluster_mod.Session, tasks: list[Task], progress) -> None:
     from dask.distributed import as_completed
 
-    client, cluster = cluster_mod.client_for(config.scheduler, config.workers)
+    client = session.client()
     threads = torch.get_num_threads()
-    if cluster is not None and not config.workers:
+    if session.local and not config.workers:
         torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them
     bar = progress(total_layers=len(tasks), total_bytes=0) if progress else None  # one step per model chunk
     try:
         futures = client.map(run_task, tasks, pure=False)
+        task_of = dict(zip(futures, tasks))
         for future in as_completed(futures):
-            nbytes, _ = future.result()
+            nbytes, _ = _task_result(future, task_of[future], config.store)
             if bar:
                 bar.update(layers=1, nbytes=nbytes)
     finally:
         if bar:
             bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()
         torch.set_num_threads(threads)
 
 
@@ -336,7 +381,19 @@ def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> Fea
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
-    config = replace(config, store=store.writable_target(config.store, config.output), output=None)
+    with cluster_mod.Session(config.scheduler, config.workers, config.dashboard) as session:  # before the store changes
+        try:
+            config = replace(config, store=store.writable_target(config.store, config.output), output=None)
+            return _compute(config, session, device, progress, on_wait, started)
+        except OSError as exc:  # planning and marks write too (tasks' own failures arrive as PipelineErrors)
+            full = disk_full(exc, config.store)
+            if full is None:
+                raise
+            raise full from None
+
+
+def _compute(config: FeaturesConfig, session: cluster_mod.Session, device: str, progress, on_wait,
+             started: float) -> FeaturesSummary:
     computed: dict[str, list[str]] = {}
     fresh: dict[str, list[str]] = {}
     n_tasks, only = 0, None
@@ -344,7 +401,7 @@ def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> Fea
         plan = plan_tasks(config, device, only)
         try:
             if plan.tasks:
-                _run_tasks(config, plan.tasks, progress)
+                _run_tasks(config, session, plan.tasks, progress)
             _finish(config, plan.computed)
         finally:
             for lease in plan.held:

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from . import metrics, store
+from .commands import quoted
 from .errors import PipelineError
 
 COLUMNS = ("config_hash", "label", "task", "model", "reps", "layer_set", "feature_width", "runs", "score",
@@ -59,7 +60,7 @@ def collect(path: str) -> list[Config]:
         if done:
             configs.append(Config(digest, group.attrs.asdict(), [group[k].attrs.asdict() for k in done], group))
     if not configs:
-        raise PipelineError(f"store {path} has no finished runs; run `pipeline train --store {path}` first")
+        raise PipelineError(f"store {path} has no finished runs; run {quoted('train', path)} first")
     return sorted(configs, key=lambda c: (c.attrs["label"], c.attrs["model"], "+".join(c.attrs["reps"]), c.attrs["layer_set"]))
 
 
@@ -221,7 +222,15 @@ def write_report(path: str, out: str | Path | None = None) -> ReportSummary:
             raise PipelineError(f"cannot create report folder {chosen} ({exc.strerror}); choose another --out") from None
         chosen = Path("stores") / chosen.name  # beside a read-only shared store: here instead
         chosen.mkdir(parents=True, exist_ok=True)
-    out = chosen
+    try:
+        return _write_files(chosen, path, configs, rows)
+    except OSError as exc:  # a full disk or a folder that vanished: one line, the store is only read
+        raise PipelineError(f"cannot write the report to {chosen} ({exc.strerror or exc}); free space or choose "
+                            "another --out, then rerun") from None
+
+
+def _write_files(out: Path, path: str, configs: list[Config], rows: list[dict]) -> ReportSummary:
+    """results.csv, the figures and results.md (last: it links the figures) into ``out``."""
     files = [out / "results.csv", out / "results.md"]
     with open(files[0], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 import zarr
 
 from . import cluster, leases, metrics, representations, store
-from .commands import command
+from .commands import command, quoted
 from .errors import PipelineError
-from .features import rep_state, resolve_device
+from .features import disk_full, rep_state, resolve_device
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
@@ -40,6 +41,8 @@ BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # torch.nn.BatchNorm1d defaults
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
 PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau default (relative)
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at once (128 MB)
+MAX_RUNS = 1000  # runs of one configuration train as one ensemble in memory: more is a typo, not a protocol
+MAX_WIDTH, MAX_DEPTH = 1 << 16, 64  # likewise for the MLP's hidden width and depth
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,24 @@ class TrainConfig:
     output: str | None = None  # write the runs here (a personal store) when ``store`` is read-only
     workers: int | None = None  # a LocalCluster of this many worker processes, one configuration per task
     scheduler: str | None = None  # address of an existing dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)
+    dashboard: bool = False  # serve the local cluster's dask dashboard (on 127.0.0.1)
 
     def __post_init__(self):
-        checks = [("runs", self.runs >= 1), ("hidden", self.hidden >= 1), ("depth", self.depth >= 0),
-                  ("dropout", 0 <= self.dropout < 1), ("lr", self.lr > 0), ("weight-decay", self.weight_decay >= 0),
-                  ("batch-size", self.batch_size >= 2), ("epochs", self.epochs >= 1), ("patience", self.patience >= 1),
-                  ("plateau-patience", self.plateau_patience >= 0), ("plateau-factor", 0 < self.plateau_factor < 1),
-                  ("seed", self.seed >= 0)]
-        for name, ok in checks:
+        finite = math.isfinite  # NaN fails every comparison below, but inf passes "> 0"
+        checks = [("runs", 1 <= self.runs <= MAX_RUNS, f"1 to {MAX_RUNS}"), ("hidden", 1 <= self.hidden <= MAX_WIDTH, f"1 to {MAX_WIDTH}"),
+                  ("depth", 1 <= self.depth <= MAX_DEPTH, f"1 to {MAX_DEPTH}"), ("dropout", 0 <= self.dropout < 1, "0 <= p < 1"),
+                  ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
+                  ("weight-decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+                  ("batch-size", self.batch_size >= 2, "2 or more"), ("epochs", self.epochs >= 1, "1 or more"),
+                  ("patience", self.patience >= 1, "1 or more"), ("plateau-patience", self.plateau_patience >= 0, "0 or more"),
+                  ("plateau-factor", 0 < self.plateau_factor < 1, "0 < f < 1"),
+                  ("seed", 0 <= self.seed and self.seed + self.runs < 1 << 63, "0 <= seed, seed + runs < 2**63")]
+        for name, ok, rule in checks:
             if not ok:
-                raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range")
+                raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; use {rule}")
         if self.model not in ("mlp", "linear"):
             raise PipelineError(f"unknown --model {self.model!r}; use mlp or linear")
+        cluster.check_workers(self.workers)
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ def plan_grid(root: zarr.Group, config: TrainConfig) -> list[Setup]:
     if config.reps.strip() == "all":
         groups = [(name,) for name in _stored_reps(root)]
         if not groups:
-            raise PipelineError(f"store {config.store} has no features yet; run `pipeline features --store {config.store}`")
+            raise PipelineError(f"store {config.store} has no features yet; run {quoted('features', config.store)}")
     else:
         groups = [tuple(p.strip() for p in part.split("+")) for part in config.reps.split(",") if part.strip()]
         if not groups or any(not all(g) for g in groups):
@@ -245,7 +254,7 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
     """
     rep = representations.get(name)
     fingerprint = root.attrs["source"]["fingerprint"]
-    fix = f"run `pipeline features --store {path} --rep {name}`"
+    fix = f"run {quoted('features', path, '--rep', name)}"
     root = feature_home(root, name)
     for split in SPLITS:
         leases.wait_for(root.store, f"features/{split}/{name}",
@@ -290,16 +299,33 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict
             bad = int((~np.isfinite(values)).sum())
             if bad:
                 raise PipelineError(f"features {name!r} of split {split!r} contain {bad} NaN/Inf values; "
-                                    f"recompute them with `pipeline features --store {path} --rep {name} --force`")
+                                    f"recompute them with {quoted('features', path, '--rep', name, '--force')}")
             parts[split].append(values)
     x = {s: np.concatenate(parts[s], axis=1) for s in SPLITS}
     mean, scale = standard_scaler(x["train"])
     x = {s: ((v - mean) / scale).astype(np.float32) for s, v in x.items()}
-    y_scale = (0.0, 1.0)
-    if task == "regression":  # train on standardised targets (well-scaled MSE); metrics are in original units
-        y_mean, y_std = standard_scaler(y["train"][:, None])
-        y_scale = (float(y_mean[0]), float(y_std[0]))
+    y_scale = target_scale(y, label) if task == "regression" else (0.0, 1.0)
     return Data(x, y, keep, task, classes, layers, y_scale)
+
+
+def target_scale(y: dict[str, np.ndarray], label: str) -> tuple[float, float]:
+    """(mean, std) that standardise the regression targets (train statistics), or a one-line refusal of
+    targets that cannot be trained on: constant in train, or beyond float32 once standardised (training
+    and metrics use float32 tensors; a label near 1e308 would overflow into NaN metrics)."""
+    train = y["train"]
+    if np.all(train == train[0]):
+        raise PipelineError(f"label {label!r} is constant ({train[0]:g}) in the train split: nothing to regress; "
+                            "choose another --label")
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mean, std = (float(v[0]) for v in standard_scaler(train[:, None]))
+        fits = math.isfinite(mean) and math.isfinite(std) and all(
+            np.isfinite(v.astype(np.float32)).all() and np.isfinite((v.astype(np.float32) - np.float32(mean)) / np.float32(std)).all()
+            for v in y.values())
+    if not fits:
+        largest = max(float(np.abs(v).max()) for v in y.values() if len(v))
+        raise PipelineError(f"label {label!r} has values too large to train on (|value| up to {largest:.3g}; they overflow "
+                            "float32 once standardised); rescale the label (e.g. its logarithm) and rematerialize")
+    return mean, std
 
 
 def standard_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -702,6 +728,18 @@ class TrainSummary:
         return sum(len(r.skipped) for r in self.results)
 
 
+def check_finite(ens: Ensemble, final: dict, last: dict, setup: Setup, label: str) -> None:
+    """Refuse (before any run is written) an ensemble whose curves or metrics have NaN/Inf, or a run whose
+    validation score was never finite (best epoch 0: its "best" weights are the initial ones)."""
+    values = [np.concatenate(curve) for curve in ens.curves.values()]
+    values += [v.detach().cpu().numpy().ravel() for m in (*final.values(), *last.values()) for k, v in m.items() if k != "confusion"]
+    bad = [name for name, ok in (("curves or metrics", all(np.isfinite(v).all() for v in values)),
+                                 ("no finite validation score", bool((ens.best_epoch >= 1).all()))) if not ok]
+    if bad:
+        raise PipelineError(f"training {setup.name} on {label!r} produced NaN or Inf ({bad[0]}); no run was marked complete: "
+                            "lower --lr, or check the label's values and the features")
+
+
 def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data, conf: dict, digest: str, todo: list[int],
                 device: str) -> float:
     """Train runs ``todo`` of one configuration as one ensemble and write them; returns training seconds."""
@@ -717,6 +755,7 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, Hyper.of(config), data.task, n_out)
     with torch.no_grad():
         final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
+    check_finite(ens, final, last, setup, config.label)
     write_runs(root, digest, conf, setup, data, ens, todo, seeds, final, last, test_out)
     return ens.seconds
 
@@ -763,20 +802,28 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
         for name in setup.reps:
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
-    load_labels(root, config.store, config.label)
+    _, targets, task, _ = load_labels(root, config.store, config.label)
+    if task == "regression":
+        target_scale(targets, config.label)
     summary = TrainSummary()
-    if config.workers or cluster.scheduler_address(config.scheduler):
-        summary.results = _train_on_cluster(config, setups, on_result)
-    else:
-        root = store.open_root(config.store, mode="r+")
-        cache: dict = {}
-        for setup in setups:
-            for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
-                del cache[key]
-            result = train_setup(root, config, setup, device, cache, on_wait)
-            summary.results.append(result)
-            if on_result:
-                on_result(result)
+    try:
+        if config.workers or cluster.scheduler_address(config.scheduler):
+            summary.results = _train_on_cluster(config, setups, on_result)
+        else:
+            root = store.open_root(config.store, mode="r+")
+            cache: dict = {}
+            for setup in setups:
+                for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
+                    del cache[key]
+                result = train_setup(root, config, setup, device, cache, on_wait)
+                summary.results.append(result)
+                if on_result:
+                    on_result(result)
+    except OSError as exc:  # finished runs are marked one by one: a rerun trains only what is missing
+        full = disk_full(exc, config.store)
+        if full is None:
+            raise
+        raise full from None
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -790,12 +837,12 @@ def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
 def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
     from dask.distributed import as_completed
 
-    client, local = cluster.client_for(config.scheduler, config.workers)
+    client, local = cluster.client_for(config.scheduler, config.workers, config.dashboard)
     try:
         futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
         results: list = [None] * len(setups)
         for future in as_completed(futures):
-            results[futures[future]] = result = future.result()
+            results[futures[future]] = result = _task_result(future, setups[futures[future]])
             if on_result:
                 on_result(result)
         return results
@@ -803,3 +850,16 @@ def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> li
         client.close()
         if local is not None:
             local.close()
+
+
+def _task_result(future, setup: Setup) -> ConfigResult:
+    """A configuration's result from its dask task; a failure other than a PipelineError (or a full disk,
+    handled by ``train``) as one line naming the configuration."""
+    try:
+        return future.result()
+    except (PipelineError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - named, in one line, never a traceback
+        detail = " ".join(str(exc).split()) or "no message"
+        raise PipelineError(f"training task {setup.name} failed: {type(exc).__name__}: {detail}; finished runs are kept: "
+                            "rerun the same command to resume (report it if it fails again)") from None
