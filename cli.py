@@ -47,6 +47,8 @@ def interrupted_message(args: list[str]) -> str:
     """What Ctrl-C stopped, that finished work is kept, and the command (shell-quoted) that resumes it."""
     command = shlex.join(["pipeline", *args])
     name = f"`pipeline {args[0]}`" if args else "the command"
+    if args and args[0] == "synth":  # writes its dataset in one go: nothing to resume
+        return f"interrupted: {name} stopped before it finished; rerun `{command}` to write the dataset again"
     return f"interrupted: {name} stopped; finished work is kept: rerun `{command}` to resume"
 
 
