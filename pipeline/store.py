@@ -9,11 +9,17 @@ Layout (docs/store-format.md is the spec):
   labels/<split>/<name>           (model,) integer codes (attrs: classes), integers or floats
   labels/<split>/row              (model,) row index in the source split;  model_id when the source names models
 A group is complete when its attrs say ``complete: true``; that mark is written after its arrays.
+
+Integrity: every array writes every chunk (even one equal to the fill value), and a complete mark
+records each array's chunk manifest (the crc32c of the chunk at each position), so an absent,
+swapped or replaced chunk is damage that ``verify`` and the readers can see, never zeros read back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
+from zarr.abc.store import Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
@@ -36,6 +42,18 @@ FORMAT = "weightspace-pipeline-store"
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "stores/default.zarr"
 LEASES = "_leases"  # who is computing what: pipeline/leases.py
+MANIFEST = "chunks"  # array attribute written with a complete mark: {"count": n, "crc32c": [per chunk, C order]}
+
+# zarr's default (write_empty_chunks false) skips a chunk equal to the fill value, so an absent chunk
+# file would read back as zeros and could be either "all zeros" or "deleted". Writing every chunk
+# makes absence always damage. It is a runtime setting, not stored in the array's metadata, so it is
+# set here, for the whole process (dask workers import this module too), rather than per create_array:
+# an array reopened later (features writing its region, materialize resuming) would not carry it.
+zarr.config.set({"array.write_empty_chunks": True})
+
+# Root attributes every command relies on, with their JSON type (docs/store-format.md).
+REQUIRED_ATTRS = {"source": dict, "layout": dict, "modules": list, "layers": list, "splits": dict, "labels": dict,
+                  "chunk_models": int}
 
 
 def default_store() -> str:
@@ -120,9 +138,10 @@ def _root_attrs(location: str | Path) -> dict | None:
     if raw is None:
         return None
     try:
-        return json.loads(raw).get("attributes", {})
-    except ValueError:
+        attrs = json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not a metadata document
         return None
+    return attrs if isinstance(attrs, dict) else None
 
 
 def is_ours(location: str | Path) -> bool:
@@ -197,7 +216,7 @@ def bytes_under(location: str | Path, prefix: str = "") -> int:
 
 def check_schema(path: str | Path, version) -> None:
     """Refuse a store this code cannot read: one written by a newer schema, or a malformed version."""
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:  # True is an int to Python
         raise PipelineError(f"{path} has an invalid schema version {version!r}; it was not written by this pipeline "
                             f"or is damaged: recreate it with `pipeline materialize --store {path} --overwrite`")
     if version > SCHEMA_VERSION:
@@ -205,15 +224,54 @@ def check_schema(path: str | Path, version) -> None:
                             f"{SCHEMA_VERSION}): upgrade weightspace-pipeline to use it (nothing was changed)")
 
 
-def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+def _not_a_store(path: str | Path) -> PipelineError:
+    """What is true of a location that holds no store of ours, and what to do about it."""
+    if not is_url(path):
+        local = local_path(path)
+        if local.is_file():
+            return PipelineError(f"{path} is a file, not a pipeline store (a store is a folder); pass the store's folder "
+                                 "as --store")
+        if local.is_dir() and any(child.name != LEASES for child in local.iterdir()):
+            return PipelineError(f"{path} is a folder that is not a pipeline store (no weightspace-pipeline zarr.json at its "
+                                 "top); check the --store path")
+    return PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
+
+
+def check_attrs(path: str | Path, attrs: dict) -> None:
+    """Refuse, in one line, a store whose root attributes lack what every command relies on."""
+    for key, kind in REQUIRED_ATTRS.items():
+        value = attrs.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "lacks" if key not in attrs else "has a malformed"
+            break
+    else:
+        bad_split = next((s for s, info in attrs["splits"].items()
+                          if not isinstance(info, dict) or not isinstance(info.get("n"), int)), None)
+        bad_module = next((i for i, m in enumerate(attrs["modules"]) if not isinstance(m, dict) or "key" not in m), None)
+        if bad_split is None and bad_module is None and isinstance(attrs["source"].get("fingerprint"), str):
+            return
+        key, what = ("splits" if bad_split is not None else "modules" if bad_module is not None else "source"), "has a malformed"
+    if attrs.get("base"):
+        fix = f"delete {path} and rerun your command with --output {path}"
+    else:
+        uri = attrs.get("source", {}).get("uri") if isinstance(attrs.get("source"), dict) else None
+        fix = f"recreate it with `pipeline materialize --store {path} --source {uri or 'SOURCE'} --overwrite`"
+    raise PipelineError(f"{path}: the root zarr.json {what} {key!r} attribute (damaged or edited metadata); {fix}")
+
+
+def open_root(path: str | Path, mode: str = "r", validate: bool = True) -> zarr.Group:
     """An existing store of ours, read-only ("r") or for updating ("r+"), of a schema this code reads.
 
-    Schema 1 is the first; when a schema 2 comes, stores of schema 1 are migrated here, on open.
+    ``validate`` checks the root attributes every command needs; only ``materialize --overwrite``,
+    which replaces them, opens without it. Schema 1 is the first; when a schema 2 comes, stores of
+    schema 1 are migrated here, on open.
     """
     attrs = _root_attrs(path)
-    if not attrs or attrs.get("format") != FORMAT:
-        raise PipelineError(f"{path} is not a pipeline store; run `pipeline materialize --store {path}` first")
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        raise _not_a_store(path)
     check_schema(path, attrs.get("schema_version"))
+    if validate:
+        check_attrs(path, attrs)
     return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
@@ -301,6 +359,12 @@ def member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
     except KeyError as exc:
         traceback.clear_frames(exc.__traceback__)
         return None
+    except (ValueError, TypeError) as exc:  # a zarr.json that is not JSON, or not a valid metadata document
+        traceback.clear_frames(exc.__traceback__)
+        key = f"{root.path}/{path}".strip("/")
+        raise PipelineError(f"the metadata of {key} in store {location_of(root.store)} is damaged ({type(exc).__name__}); "
+                            f"run `pipeline verify --store {location_of(root.store)} --repair`, then the commands it "
+                            "prints") from None
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:
@@ -318,8 +382,22 @@ def update_attrs(node: zarr.Group | zarr.Array, values: dict) -> None:
 
 
 def mark_complete(root: zarr.Group, path: str, **info) -> None:
-    """Written last, after every array of the group: a reader trusts nothing without it."""
-    update_attrs(root.require_group(path), {"complete": True, **provenance(), **info})
+    """Written last, after every array of the group: a reader trusts nothing without it.
+
+    Each array first gets its chunk manifest; the group's mark names its arrays, so a deleted
+    array's metadata is seen as damage too.
+    """
+    group = root.require_group(path)
+    names = sorted(group.array_keys())
+    for name in names:
+        array = group[name]
+        update_attrs(array, {MANIFEST: chunk_manifest(array)})
+    update_attrs(group, {"complete": True, "arrays": names, **provenance(), **info})
+
+
+def mark_array_complete(array: zarr.Array, **info) -> None:
+    """An array that carries its own mark (a representation): its manifest and the mark in one metadata write."""
+    update_attrs(array, {"complete": True, MANIFEST: chunk_manifest(array), **info})
 
 
 def mark_incomplete(root: zarr.Group, path: str) -> None:
@@ -330,7 +408,10 @@ def mark_incomplete(root: zarr.Group, path: str) -> None:
 
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
     """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
-    existing = member(root, path)
+    try:
+        existing = member(root, path)
+    except PipelineError:  # damaged metadata (verify --repair reset its group): allocate it afresh
+        existing = None
     if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
             and existing.dtype == np.dtype(dtype):
         return existing
@@ -338,3 +419,136 @@ def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtyp
         path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims,
         compressors=compressors if compressors is not None else small_compressors(), attributes=attrs or {}, overwrite=True,
     )
+
+
+# --- chunk integrity: manifests, and reads that refuse what is absent or damaged ------------------------
+
+
+def location_of(zstore: Store) -> str:
+    """The location a zarr store object was opened from, as a user would pass it to --store."""
+    if isinstance(zstore, LocalStore):
+        return str(zstore.root)
+    if isinstance(zstore, FsspecStore):
+        return zstore.fs.unstrip_protocol(zstore.path)
+    return str(zstore)
+
+
+def chunk_keys(array: zarr.Array) -> list[str]:
+    """The store key of every chunk of ``array``, in C order of the chunk grid (the manifest's order)."""
+    return [f"{array.path}/{array.metadata.encode_chunk_key(index)}"
+            for index in itertools.product(*(range(n) for n in array.cdata_shape))]
+
+
+def chunk_tails(array: zarr.Array, keys: list[str] | None = None) -> list[int | None]:
+    """The crc32c each stored chunk carries (its last 4 bytes, written by the crc32c codec), None where absent.
+
+    A byte-range read per chunk, all at once: no chunk is decoded.
+    """
+    keys = chunk_keys(array) if keys is None else keys
+
+    async def tails():
+        prototype = default_buffer_prototype()
+        return await asyncio.gather(*(array.store.get(key, prototype=prototype, byte_range=SuffixByteRequest(4))
+                                      for key in keys))
+
+    return [None if b is None else int.from_bytes(b.to_bytes()[-4:], "little") for b in sync(tails())]
+
+
+def chunk_manifest(array: zarr.Array) -> dict:
+    """What a complete mark records of an array: its chunk count and each chunk's crc32c, by position."""
+    keys = chunk_keys(array)
+    tails = chunk_tails(array, keys)
+    absent = [key for key, tail in zip(keys, tails) if tail is None]
+    if absent:  # every chunk is written (write_empty_chunks), so this is damage during the write itself
+        raise PipelineError(f"{absent[0]} is missing in store {location_of(array.store)} just after it was written "
+                            "(a disk or another process removed it); rerun the command")
+    return {"count": len(tails), "crc32c": tails}
+
+
+def chunk_problems(array: zarr.Array) -> list[tuple[str, tuple, str]]:
+    """(key, chunk index, what is wrong) for every chunk that is absent, or not the chunk the manifest
+    recorded at its position (swapped, copied or replaced). Without a manifest (written by an older
+    version) only presence is checked."""
+    keys = chunk_keys(array)
+    indices = list(itertools.product(*(range(n) for n in array.cdata_shape)))
+    tails = chunk_tails(array, keys)
+    manifest = array.attrs.get(MANIFEST)
+    recorded = manifest.get("crc32c") if isinstance(manifest, dict) else None
+    if recorded is not None and len(recorded) != len(keys):
+        return [(array.path, (0,) * array.ndim,
+                 f"has {len(keys)} chunks but {len(recorded)} were recorded when it was marked complete")]
+    out = []
+    for position, (key, index, tail) in enumerate(zip(keys, indices, tails)):
+        if tail is None:
+            what = "chunk missing (deleted or lost)"
+            if recorded is None:
+                what += ("; this array predates chunk manifests, so it may also be a chunk of fill values zarr did not "
+                         "write: the repair rewrites it either way")
+            out.append((key, index, what))
+        elif recorded is not None and tail != recorded[position]:
+            others = [keys[i] for i, crc in enumerate(recorded) if crc == tail and i != position]
+            what = (f"holds the chunk written at {others[0][len(array.path) + 1:]} (chunks swapped or copied)"
+                    if others else "is not the chunk written here (replaced: its checksum differs from the recorded one)")
+            out.append((key, index, what))
+    return out
+
+
+def _covering(array: zarr.Array, start: int | None, stop: int | None) -> list[str]:
+    """Keys of the chunks holding models [start, stop) (every model when None) of ``array``."""
+    if array.ndim == 0 or start is None:
+        return chunk_keys(array)
+    first, last = start // array.chunks[0], (max(stop, start + 1) - 1) // array.chunks[0]
+    rest = [range(n) for n in array.cdata_shape[1:]]
+    return [f"{array.path}/{array.metadata.encode_chunk_key(index)}"
+            for index in itertools.product(range(first, min(last + 1, array.cdata_shape[0])), *rest)]
+
+
+def _damaged(array: zarr.Array, key: str, what: str) -> PipelineError:
+    where = location_of(array.store)
+    return PipelineError(f"{key} in store {where} is {what}; run `pipeline verify --store {where} --repair`, "
+                         "then the commands it prints")
+
+
+def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None = None) -> None:
+    """Refuse to read a complete array (one with a manifest) one of whose chunks covering models
+    [start, stop) is absent: zarr would return fill values for it. One existence check per chunk."""
+    manifest = array.attrs.get(MANIFEST)
+    if not isinstance(manifest, dict):
+        return  # unfinished (a reader does not use it) or written before manifests: verify checks those
+    if manifest.get("count") != int(np.prod(array.cdata_shape)):
+        raise _damaged(array, array.path, f"not the array that was marked complete ({manifest.get('count')} chunks "
+                                          f"recorded, {int(np.prod(array.cdata_shape))} now)")
+    for key in _covering(array, start, stop):
+        if not sync(array.store.exists(key)):
+            raise _damaged(array, key, "missing (a chunk file was deleted or lost)")
+
+
+def read(array: zarr.Array, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """``array[start:stop]`` (all of it when None), refusing an absent chunk and naming a damaged one, in one line."""
+    check_chunks(array, start, stop)
+    try:
+        return array[...] if start is None else array[start:stop]
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk raises whatever its codec raises
+        first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". Stored:")[0][:80]
+        for key in _covering(array, start, stop):  # which chunk: only on this error path
+            index = tuple(int(i) for i in key.rsplit("/c", 1)[-1].strip("/").split("/") if i)
+            selection = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))
+            try:
+                array[selection]
+            except Exception:  # noqa: BLE001
+                raise _damaged(array, key, f"damaged ({first})") from None
+        raise _damaged(array, array.path, f"unreadable ({first})") from None
+
+
+def read_array(group: zarr.Group, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """The array ``name`` of a complete group, read with ``read``; a missing array is one line, not a KeyError."""
+    array = member(group, name)
+    if not isinstance(array, zarr.Array):
+        raise _damaged_group(group, name)
+    return read(array, start, stop)
+
+
+def _damaged_group(group: zarr.Group, name: str) -> PipelineError:
+    where = location_of(group.store)
+    return PipelineError(f"{group.path}/{name} is missing in store {where} although {group.path} is marked complete; "
+                         f"run `pipeline verify --store {where} --repair`, then the commands it prints")
