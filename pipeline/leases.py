@@ -157,6 +157,11 @@ def _delete(zstore: Store, key: str) -> None:
             folder = folder.parent
 
 
+def discard(zstore: Store, key: str) -> None:
+    """Delete a damaged lease file (``verify --repair``), and the folders it leaves empty."""
+    _delete(zstore, key)
+
+
 def _generations(zstore, scope: str) -> list[int]:
     out = []
     prefix = f"{ROOT}/{scope}/"

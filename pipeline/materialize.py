@@ -208,7 +208,7 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
 def _open_or_create(config: MaterializeConfig, p: Plan):
     state = store.check_usable(config.store)
     if state == "ours":
-        root = store.open_root(config.store, mode="r+")
+        root = store.open_root(config.store, mode="r+", validate=not config.overwrite)  # --overwrite replaces damaged attrs
         attrs = root.attrs.asdict()
         same_source = attrs.get("source", {}).get("fingerprint") == p.source.fingerprint
         same_layout = attrs.get("layout") == p.layout

@@ -215,7 +215,7 @@ def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, st
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
     kind = known[label]["kind"]
-    raw = {split: root[f"labels/{split}/{safe_key(label)}"][:] for split in SPLITS}
+    raw = {split: store.read_array(root, f"labels/{split}/{safe_key(label)}") for split in SPLITS}
     if kind == "float":
         task, classes = "regression", []
         keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
@@ -285,7 +285,7 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict
         home = feature_home(root, name)
         for split in SPLITS:
             if (split, name) not in cache:
-                cache[(split, name)] = home[f"features/{split}/{name}"][:]
+                cache[(split, name)] = store.read_array(home, f"features/{split}/{name}")
             values = cache[(split, name)][keep[split]][:, index].reshape(len(keep[split]), -1)
             bad = int((~np.isfinite(values)).sum())
             if bad:
