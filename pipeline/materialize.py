@@ -213,6 +213,8 @@ def _open_or_create(config: MaterializeConfig, p: Plan):
         same_source = attrs.get("source", {}).get("fingerprint") == p.source.fingerprint
         same_layout = attrs.get("layout") == p.layout
         if same_source and same_layout:
+            if config.overwrite and not store.attrs_valid(config.store, attrs):
+                store.update_attrs(root, _root_attrs(p, config))  # same source and layout: only the root document is damaged
             return root
         if not config.overwrite:
             what = "a different source" if not same_source else "different layers, splits or chunking"

@@ -259,6 +259,14 @@ def check_attrs(path: str | Path, attrs: dict) -> None:
     raise PipelineError(f"{path}: the root zarr.json {what} {key!r} attribute (damaged or edited metadata); {fix}")
 
 
+def attrs_valid(path: str | Path, attrs: dict) -> bool:
+    try:
+        check_attrs(path, attrs)
+    except PipelineError:
+        return False
+    return True
+
+
 def open_root(path: str | Path, mode: str = "r", validate: bool = True) -> zarr.Group:
     """An existing store of ours, read-only ("r") or for updating ("r+"), of a schema this code reads.
 
