@@ -50,7 +50,7 @@ def default_out(path: str) -> Path:
 
 def collect(path: str) -> list[Config]:
     """Every configuration with at least one finished run, in a stable order."""
-    root = store.open_root(path)
+    root = store.open_root(path, validate=False)  # only runs/ is read: damaged root attrs do not matter here
     runs = root.get("runs")
     configs = []
     for digest in sorted(runs.group_keys()) if runs is not None else []:
