@@ -13,6 +13,11 @@ recomputing only unfinished chunks; a holder on the same machine whose process i
 at once. Work under a lease is idempotent (a task owns its region and
 writes the same bytes whoever runs it), so a holder that was only slow, not dead, does no harm.
 
+A lease file that is not a lease record (empty, not JSON, a field missing: a full disk, an edit) is
+an expired holder: the next process takes the next generation over it and deletes it, and
+``verify`` names it (``--repair`` deletes it). Treating it as "nobody" would retry the same
+generation forever.
+
 docs/sharing.md explains the choice against the alternatives (lock files, Icechunk transactions).
 """
 

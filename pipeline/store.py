@@ -348,7 +348,7 @@ def writable_target(location: str, output: str | None) -> str:
             copy = mine.create_array(f"labels/{split}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
                                      dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
                                      attributes=array.attrs.asdict())
-            copy[...] = array[...]
+            copy[...] = read(array)  # an absent or damaged chunk of the base is refused, not copied as zeros
         mark_complete(mine, f"labels/{split}")
     return output
 

@@ -277,6 +277,24 @@ def test_a_deleted_label_array_is_noticed(store, synth_dir):
     assert verify(str(store)).problems == []
 
 
+def test_a_deleted_progress_flag_of_a_complete_rep_is_named(store):
+    delete(store, "features/test/_progress/dw_norms/c/0")
+    found = problems(store)["features/test/dw_norms"]
+    assert found.what == "marked complete but chunks are missing" and found.repair.endswith("--split test --force")
+
+
+@pytest.mark.parametrize("group", ["raw/train/{module}", "labels/val", "runs/{digest}/run-000"])
+def test_a_garbled_group_metadata_is_named_and_repaired(store, clean_store, synth_dir, group):
+    group = group.format(module=module_key(store), digest=digest(store))
+    garble(store / group / "zarr.json")
+    assert problems(store)[group].what.startswith("metadata (zarr.json) unreadable")
+    repair(store)
+    materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
+    train(TrainConfig(store=str(store), **TRAIN))
+    assert verify(str(store)).problems == []
+    assert_same_arrays(store, clean_store)
+
+
 @pytest.mark.parametrize("key", ["splits", "modules", "source", "labels"])
 @pytest.mark.parametrize("command", ["info", "verify", "features", "train", "materialize"])
 def test_root_attrs_missing_a_key_is_one_line_everywhere(store, synth_dir, tmp_path, key, command):
