@@ -231,6 +231,9 @@ def _not_a_store(path: str | Path) -> PipelineError:
         if local.is_file():
             return PipelineError(f"{path} is a file, not a pipeline store (a store is a folder); pass the store's folder "
                                  "as --store")
+        if (local / "zarr.json").is_file() and not isinstance(_root_attrs(path), dict):
+            return PipelineError(f"the root zarr.json of {path} is damaged (not JSON, or not zarr metadata); restore it "
+                                 f"from a backup, or delete {path} and run `pipeline materialize --store {path}` again")
         if local.is_dir() and any(child.name != LEASES for child in local.iterdir()):
             return PipelineError(f"{path} is a folder that is not a pipeline store (no weightspace-pipeline zarr.json at its "
                                  "top); check the --store path")
@@ -536,6 +539,8 @@ def read(array: zarr.Array, start: int | None = None, stop: int | None = None) -
     check_chunks(array, start, stop)
     try:
         return array[...] if start is None else array[start:stop]
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a damaged chunk raises whatever its codec raises
         first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". Stored:")[0][:80]
         for key in _covering(array, start, stop):  # which chunk: only on this error path
@@ -557,6 +562,6 @@ def read_array(group: zarr.Group, name: str, start: int | None = None, stop: int
 
 
 def _damaged_group(group: zarr.Group, name: str) -> PipelineError:
-    where = location_of(group.store)
-    return PipelineError(f"{group.path}/{name} is missing in store {where} although {group.path} is marked complete; "
+    where, key = location_of(group.store), f"{group.path}/{name}".strip("/")
+    return PipelineError(f"{key} is missing in store {where} although {key.rsplit('/', 1)[0]} is marked complete; "
                          f"run `pipeline verify --store {where} --repair`, then the commands it prints")

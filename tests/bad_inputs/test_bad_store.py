@@ -465,6 +465,14 @@ def test_a_plain_file_is_named_a_file(tmp_path, command):
     assert "materialize" not in line
 
 
+@pytest.mark.parametrize("command", ["info", "verify", "features", "train"])
+def test_a_garbled_root_metadata_is_named(store, command):
+    garble(store / "zarr.json")
+    before = file_snapshot(store)
+    assert_one_line_error(run_cli(command, "--store", store), "root zarr.json", "is damaged")
+    assert file_snapshot(store) == before
+
+
 def test_a_foreign_folder_suggests_no_materialize(tmp_path):
     (tmp_path / "thing").mkdir()
     (tmp_path / "thing" / "data.csv").write_text("a,b\n")
