@@ -42,7 +42,9 @@ FORMAT = "weightspace-pipeline-store"
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "stores/default.zarr"
 LEASES = "_leases"  # who is computing what: pipeline/leases.py
-MANIFEST = "chunks"  # array attribute written with a complete mark: {"count": n, "crc32c": [per chunk, C order]}
+# Written with a complete mark, in the same metadata write: a chunk manifest {"count": n, "crc32c": [per chunk, in
+# C order of the chunk grid]}; a marked group holds one per array, by name, a marked array (a representation) its own.
+MANIFEST = "chunks"
 
 # zarr's default (write_empty_chunks false) skips a chunk equal to the fill value, so an absent chunk
 # file would read back as zeros and could be either "all zeros" or "deleted". Writing every chunk
@@ -395,15 +397,13 @@ def update_attrs(node: zarr.Group | zarr.Array, values: dict) -> None:
 def mark_complete(root: zarr.Group, path: str, **info) -> None:
     """Written last, after every array of the group: a reader trusts nothing without it.
 
-    Each array first gets its chunk manifest; the group's mark names its arrays, so a deleted
-    array's metadata is seen as damage too.
+    The mark carries the chunk manifest of each of the group's arrays, by name, in the same single
+    write: which arrays the group has (a deleted array's metadata is then seen as damage) and which
+    chunk is at each position of each.
     """
     group = root.require_group(path)
-    names = sorted(group.array_keys())
-    for name in names:
-        array = group[name]
-        update_attrs(array, {MANIFEST: chunk_manifest(array)})
-    update_attrs(group, {"complete": True, "arrays": names, **provenance(), **info})
+    manifests = {name: chunk_manifest(group[name]) for name in sorted(group.array_keys())}
+    update_attrs(group, {"complete": True, MANIFEST: manifests, **provenance(), **info})
 
 
 def mark_array_complete(array: zarr.Array, **info) -> None:
@@ -414,7 +414,7 @@ def mark_array_complete(array: zarr.Array, **info) -> None:
 def mark_incomplete(root: zarr.Group, path: str) -> None:
     group = root.require_group(path)
     if group.attrs.get("complete"):
-        update_attrs(group, {"complete": False})
+        update_attrs(group, {"complete": False, MANIFEST: None})  # its chunks are rewritten: the manifest with them
 
 
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
@@ -476,14 +476,24 @@ def chunk_manifest(array: zarr.Array) -> dict:
     return {"count": len(tails), "crc32c": tails}
 
 
-def chunk_problems(array: zarr.Array) -> list[tuple[str, tuple, str]]:
+def manifest_of(array: zarr.Array, group: zarr.Group | None = None) -> dict | None:
+    """The chunk manifest of ``array``: in its own attrs (a representation), else in its group's mark; None
+    when unfinished or written before manifests existed."""
+    own = array.attrs.get(MANIFEST)
+    if isinstance(own, dict) and "count" in own:
+        return own
+    marks = group.attrs.get(MANIFEST) if group is not None else None
+    found = marks.get(array.basename) if isinstance(marks, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def chunk_problems(array: zarr.Array, manifest: dict | None) -> list[tuple[str, tuple, str]]:
     """(key, chunk index, what is wrong) for every chunk that is absent, or not the chunk the manifest
     recorded at its position (swapped, copied or replaced). Without a manifest (written by an older
     version) only presence is checked."""
     keys = chunk_keys(array)
     indices = list(itertools.product(*(range(n) for n in array.cdata_shape)))
     tails = chunk_tails(array, keys)
-    manifest = array.attrs.get(MANIFEST)
     recorded = manifest.get("crc32c") if isinstance(manifest, dict) else None
     if recorded is not None and len(recorded) != len(keys):
         return [(array.path, (0,) * array.ndim,
@@ -520,11 +530,12 @@ def _damaged(array: zarr.Array, key: str, what: str) -> PipelineError:
                          "then the commands it prints")
 
 
-def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None = None) -> None:
-    """Refuse to read a complete array (one with a manifest) one of whose chunks covering models
-    [start, stop) is absent: zarr would return fill values for it. One existence check per chunk."""
-    manifest = array.attrs.get(MANIFEST)
-    if not isinstance(manifest, dict):
+def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None = None, group: zarr.Group | None = None) -> None:
+    """Refuse to read a complete array (one with a manifest, in its attrs or its ``group``'s mark) one of
+    whose chunks covering models [start, stop) is absent: zarr would return fill values for it. One
+    existence check per chunk."""
+    manifest = manifest_of(array, group)
+    if manifest is None:
         return  # unfinished (a reader does not use it) or written before manifests: verify checks those
     if manifest.get("count") != int(np.prod(array.cdata_shape)):
         raise _damaged(array, array.path, f"not the array that was marked complete ({manifest.get('count')} chunks "
@@ -534,9 +545,11 @@ def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None =
             raise _damaged(array, key, "missing (a chunk file was deleted or lost)")
 
 
-def read(array: zarr.Array, start: int | None = None, stop: int | None = None) -> np.ndarray:
-    """``array[start:stop]`` (all of it when None), refusing an absent chunk and naming a damaged one, in one line."""
-    check_chunks(array, start, stop)
+def read(array: zarr.Array, start: int | None = None, stop: int | None = None, group: zarr.Group | None = None) -> np.ndarray:
+    """``array[start:stop]`` (all of it when None), refusing an absent chunk and naming a damaged one, in one line.
+
+    ``group``: the array's group, whose complete mark holds its manifest (see ``check_chunks``)."""
+    check_chunks(array, start, stop, group)
     try:
         return array[...] if start is None else array[start:stop]
     except MemoryError:
@@ -554,11 +567,17 @@ def read(array: zarr.Array, start: int | None = None, stop: int | None = None) -
 
 
 def read_array(group: zarr.Group, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-    """The array ``name`` of a complete group, read with ``read``; a missing array is one line, not a KeyError."""
+    """The array ``name`` (a path below ``group``) of a complete group, read with ``read``; a missing array is
+    one line, not a KeyError."""
+    if "/" in name:
+        parent, name = name.rsplit("/", 1)
+        group = member(group, parent)
+        if not isinstance(group, zarr.Group):
+            raise _damaged_group(group, parent)
     array = member(group, name)
     if not isinstance(array, zarr.Array):
         raise _damaged_group(group, name)
-    return read(array, start, stop)
+    return read(array, start, stop, group)
 
 
 def _damaged_group(group: zarr.Group, name: str) -> PipelineError:

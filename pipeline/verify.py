@@ -63,6 +63,7 @@ class _Read:
     array: zarr.Array
     on_bad: object  # on_bad(key, chunk index, what)
     complete: bool  # marked complete: every chunk must be present and match the manifest
+    manifest: dict | None = None  # the chunks its mark recorded (None: written before manifests existed)
 
 
 UNREADABLE = "metadata (zarr.json) unreadable: not JSON, or not zarr metadata"
@@ -81,7 +82,7 @@ def _read_all(read: _Read, report: Report, bar=None) -> None:
     report.arrays += 1
     skip = set()
     if read.complete:
-        for key, index, what in store.chunk_problems(array):
+        for key, index, what in store.chunk_problems(array, read.manifest):
             on_bad(key, index, what)
             skip.add(key)
     else:  # unfinished: chunks not computed yet are absent, and there is nothing to read in them
@@ -192,8 +193,8 @@ def _check_group(root, group_path: str, expected: set, n: int | None, command: s
     for name in damaged:
         report.problems.append(Problem(f"{group_path}/{name}", UNREADABLE, command,
                                        ("group", group_path, f"{group_path}/{name}/zarr.json")))
-    recorded = group.attrs.get("arrays")
-    missing = set(recorded if isinstance(recorded, list) else expected) - set(arrays) - set(damaged)
+    recorded = group.attrs.get(store.MANIFEST)
+    missing = set(recorded if isinstance(recorded, dict) else expected) - set(arrays) - set(damaged)
     if missing:
         report.problems.append(Problem(group_path, f"marked complete but {', '.join(sorted(missing))} missing", command,
                                        ("group", group_path)))
@@ -203,7 +204,7 @@ def _check_group(root, group_path: str, expected: set, n: int | None, command: s
                                            command, ("group", group_path)))
             continue
         reads.append(_Read(array, lambda key, _, what, group_path=group_path: report.problems.append(
-            Problem(key, what, command, ("group", group_path))), True))
+            Problem(key, what, command, ("group", group_path))), True, store.manifest_of(array, group)))
 
 
 def _verify_labels(root, path: str, attrs: dict, report: Report, reads: list, busy: dict, materialize: str) -> None:
@@ -271,7 +272,7 @@ def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, 
             def bad(key, index, what, features=features, name=name, command=command):
                 report.problems.append(Problem(key, what, command, ("flag", features.path, name, index[0])))
 
-            reads.append(_Read(array, bad, complete))
+            reads.append(_Read(array, bad, complete, store.manifest_of(array)))
         for coordinate in ("layer", "module"):
             if coordinate in arrays:
                 reads.append(_Read(arrays[coordinate], lambda key, _, what: report.problems.append(

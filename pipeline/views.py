@@ -31,7 +31,7 @@ def open_features(path: str, split: str, complete_only: bool = True) -> xr.Datas
     root = store.open_root(path)
     for group, names in ((f"features/{split}", features.data_vars), (f"labels/{split}", labels.data_vars)):
         for name in names:  # xarray would read an absent chunk as zeros: refuse it, in one line
-            store.check_chunks(root[f"{group}/{name}"])
+            store.check_chunks(root[f"{group}/{name}"], group=root[group])
     coords = {name: ("model", labels[name].values) for name in labels.data_vars}
     return features.assign_coords(coords)
 
