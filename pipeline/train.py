@@ -669,6 +669,9 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
         if data.task == "classification":
             _write_array(g, "test_confusion", final["test"]["confusion"][r].cpu().numpy(), ("true_class", "pred_class"),
                          {"classes": data.classes})
+    # The marks last and back to back: a kill between two marks of one batch redoes the batch, so keep that window short.
+    for r, (run, seed) in enumerate(zip(runs, seeds)):
+        key, epochs = f"runs/{digest}/{run_key(run)}", len(ens.curves["lr"][r])
         store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
