@@ -494,10 +494,10 @@ def manifest_of(array: zarr.Array, group: zarr.Group | None = None) -> dict | No
     return found if isinstance(found, dict) else None
 
 
-def chunk_problems(array: zarr.Array, manifest: dict | None) -> list[tuple[str, tuple, str]]:
+def chunk_problems(array: zarr.Array, manifest: dict | None, legacy: bool = True) -> list[tuple[str, tuple, str]]:
     """(key, chunk index, what is wrong) for every chunk that is absent, or not the chunk the manifest
-    recorded at its position (swapped, copied or replaced). Without a manifest (written by an older
-    version) only presence is checked."""
+    recorded at its position (swapped, copied or replaced). Without a manifest only presence is
+    checked; ``legacy``: the array may have been written before manifests (and empty chunks) existed."""
     keys = chunk_keys(array)
     indices = list(itertools.product(*(range(n) for n in array.cdata_shape)))
     tails = chunk_tails(array, keys)
@@ -509,7 +509,7 @@ def chunk_problems(array: zarr.Array, manifest: dict | None) -> list[tuple[str, 
     for position, (key, index, tail) in enumerate(zip(keys, indices, tails)):
         if tail is None:
             what = "chunk missing (deleted or lost)"
-            if recorded is None:
+            if recorded is None and legacy:
                 what += ("; this array predates chunk manifests, so it may also be a chunk of fill values zarr did not "
                          "write: the repair rewrites it either way")
             out.append((key, index, what))

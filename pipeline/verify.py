@@ -20,6 +20,7 @@ verified on its own.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ class Problem:
     what: str  # what is wrong with it
     repair: str  # the command that rebuilds it (after `pipeline verify --repair`)
     # what --repair resets: ("none",), ("group", path, *keys to delete first), ("flag", features group, rep, chunk),
-    # ("key", store key to delete), ("lease", lease file key), ("delete", local file)
+    # ("key", store key to delete), ("node", node to delete with all below it), ("regroup", plain group whose
+    # metadata is rewritten), ("lease", lease file key), ("delete", local file)
     reset: tuple
 
     def line(self) -> str:
@@ -64,6 +66,7 @@ class _Read:
     on_bad: object  # on_bad(key, chunk index, what)
     complete: bool  # marked complete: every chunk must be present and match the manifest
     manifest: dict | None = None  # the chunks its mark recorded (None: written before manifests existed)
+    legacy: bool = True  # without a manifest, it may predate them (False: an array that never has one)
 
 
 UNREADABLE = "metadata (zarr.json) unreadable: not JSON, or not zarr metadata"
@@ -82,7 +85,7 @@ def _read_all(read: _Read, report: Report, bar=None) -> None:
     report.arrays += 1
     skip = set()
     if read.complete:
-        for key, index, what in store.chunk_problems(array, read.manifest):
+        for key, index, what in store.chunk_problems(array, read.manifest, read.legacy):
             on_bad(key, index, what)
             skip.add(key)
     else:  # unfinished: chunks not computed yet are absent, and there is nothing to read in them
@@ -130,8 +133,38 @@ def _open(root: zarr.Group, path: str, report: Report, command: str, reset: tupl
     try:
         return store.member(root, path)
     except PipelineError:
-        report.problems.append(Problem(path, UNREADABLE, command, (*reset, f"{path}/zarr.json")))
+        if not any(p.piece == path for p in report.problems):  # not already named as a plain group
+            report.problems.append(Problem(path, UNREADABLE, command, (*reset, f"{path}/zarr.json")))
         return None
+
+
+def _plain_groups(root: zarr.Group, attrs: dict, report: Report) -> None:
+    """Groups that only hold other nodes and carry no attributes: a missing or unreadable zarr.json there
+    hides everything below it from zarr's listings and breaks the writers; --repair rewrites it."""
+    splits = list(attrs["splits"])
+    paths = ["raw", "labels", "features", "runs", *(f"{top}/{s}" for top in ("raw", "features") for s in splits),
+             *(f"features/{s}/_progress" for s in splits)]
+    zstore = root.store
+
+    async def children(path):
+        return [name async for name in zstore.list_dir(path) if name != "zarr.json"]
+
+    for path in paths:
+        if not sync(children(path)):
+            continue  # absent (nothing computed yet, or a personal store's raw/): nothing hidden
+        raw = store._get(zstore, f"{path}/zarr.json")
+        if raw is None:
+            what = "group metadata (zarr.json) missing: deleted"
+        else:
+            try:
+                meta = json.loads(raw)
+                ok = isinstance(meta, dict) and meta.get("node_type") == "group" and meta.get("zarr_format") == 3
+            except ValueError:
+                ok = False
+            if ok:
+                continue
+            what = UNREADABLE
+        report.problems.append(Problem(path, what, "none (`pipeline verify --repair` rewrites it)", ("regroup", path)))
 
 
 def _check_repairable(path: str) -> None:
@@ -157,6 +190,7 @@ def verify(path: str, progress=None, repair: bool = False) -> Report:
     reads: list[_Read] = []
     base = store.base_location(root)
     materialize = f"pipeline materialize --store {path} --source {attrs['source'].get('uri')}"
+    _plain_groups(root, attrs, report)
     _verify_labels(root, path, attrs, report, reads, busy, materialize)
     if base:
         report.notes.append(f"{path} is a personal store built on {base}: its raw layers, and the features not computed "
@@ -238,7 +272,12 @@ def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, 
         progress = _open(root, f"features/{split}/_progress", report, recompute, ("key",))
         flags_arrays, _, damaged_flags = _members(progress) if progress is not None else ({}, None, [])
         n = attrs["splits"][split]["n"]
-        for name in damaged:  # a representation (or coordinate) whose zarr.json is garbage: deleted, it is recomputed
+        # A coordinate is written once, when absent: its repair deletes it, and any features run of the split rewrites it.
+        rewrite = f"pipeline features --store {path} --split {split} --rep {next(iter(sorted(flags_arrays)), 'all')}"
+        for name in damaged:  # a representation or coordinate whose zarr.json is garbage: deleted, it is recomputed
+            if name in ("layer", "module"):
+                report.problems.append(Problem(f"features/{split}/{name}", UNREADABLE, rewrite, ("node", f"features/{split}/{name}")))
+                continue
             command = f"pipeline features --store {path} --rep {name} --split {split}"
             report.problems.append(Problem(f"features/{split}/{name}", UNREADABLE, command,
                                            ("key", f"features/{split}/{name}/zarr.json")))
@@ -275,8 +314,8 @@ def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, 
             reads.append(_Read(array, bad, complete, store.manifest_of(array)))
         for coordinate in ("layer", "module"):
             if coordinate in arrays:
-                reads.append(_Read(arrays[coordinate], lambda key, _, what: report.problems.append(
-                    Problem(key, what, recompute, ("none",))), True))
+                reads.append(_Read(arrays[coordinate], lambda key, _, what, node=f"features/{split}/{coordinate}", rewrite=rewrite:
+                                   report.problems.append(Problem(key, what, rewrite, ("node", node))), True, None, False))
 
 
 def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> None:
@@ -284,9 +323,9 @@ def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> No
     if runs is None:
         return
     _, groups, damaged = _members(runs)
-    for digest in damaged:
-        report.problems.append(Problem(f"runs/{digest}", UNREADABLE, f"pipeline train --store {path}",
-                                       ("key", f"runs/{digest}/zarr.json")))
+    for digest in damaged:  # its attributes (the configuration) are lost: the whole configuration is retrained
+        report.problems.append(Problem(f"runs/{digest}", UNREADABLE, f"pipeline train --store {path} (with its options)",
+                                       ("node", f"runs/{digest}")))
     for digest, group in groups.items():
         if f"train/{digest}" in busy:
             continue
@@ -332,17 +371,21 @@ def repair(path: str, problems: list[Problem]) -> list[str]:
     zstore = store.zarr_store(path)
     for problem in problems:
         kind, keys = problem.reset[0], problem.reset[2:] if problem.reset[0] == "group" else problem.reset[1:]
-        if kind in ("group", "key"):
-            for key in keys:
+        if kind in ("group", "key", "regroup"):
+            for key in keys if kind != "regroup" else [f"{problem.reset[1]}/zarr.json"]:
                 sync(zstore.delete(key))
+        elif kind == "node":
+            sync(zstore.delete_dir(problem.reset[1]))
         elif kind == "lease":
             leases.discard(zstore, problem.reset[1])
         elif kind == "delete":
             Path(problem.reset[1]).unlink(missing_ok=True)
     root = store.open_root(path, mode="r+")
-    for problem in problems:
+    for problem in sorted(problems, key=lambda p: p.reset[0] != "regroup"):  # parents first
         kind = problem.reset[0]
-        if kind == "group":
+        if kind == "regroup":
+            root.require_group(problem.reset[1])
+        elif kind == "group":
             store.mark_incomplete(root, problem.reset[1])
         elif kind == "flag":
             _, features_path, name, chunk = problem.reset
