@@ -294,6 +294,30 @@ def test_a_garbled_group_metadata_is_named_and_repaired(store, clean_store, synt
     assert_same_arrays(store, clean_store)
 
 
+@pytest.mark.parametrize("group", ["raw/val", "features/train", "runs"])
+@pytest.mark.parametrize("damage", ["garble", "delete"])
+def test_a_plain_group_metadata_is_named_and_rewritten(store, clean_store, synth_dir, group, damage):
+    """A group that only holds others: without its zarr.json zarr's listings and the writers break."""
+    (garble if damage == "garble" else Path.unlink)(store / group / "zarr.json")
+    assert group in problems(store)
+    assert repair(store) == []
+    materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
+    assert verify(str(store)).problems == []
+    assert_same_arrays(store, clean_store)
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_coordinate_is_rewritten_by_a_features_run(store, clean_store, damage):
+    key = "features/val/module/c/0"
+    flip(store / key) if damage == "flip" else delete(store, key)
+    found = problems(store)[key]
+    assert "predates" not in found.what
+    assert repair(store) == [f"pipeline features --store {store} --split val --rep dw_norms"]
+    assert run_cli("features", "--store", store, "--split", "val", "--rep", "dw_norms", "--quiet").exit_code == 0
+    assert verify(str(store)).problems == []
+    assert_same_arrays(store, clean_store)
+
+
 @pytest.mark.parametrize("key", ["splits", "modules", "source", "labels"])
 @pytest.mark.parametrize("command", ["info", "verify", "features", "train", "materialize"])
 def test_root_attrs_missing_a_key_is_one_line_everywhere(store, synth_dir, tmp_path, key, command):
