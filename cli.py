@@ -313,9 +313,11 @@ def verify(store, repair, quiet):
     from pipeline.verify import repair as mark_for_repair, verify as check
 
     path = store or default_store()
-    report = check(path, progress=progress.factory("verify", quiet, unit="chunk"))
+    report = check(path, progress=progress.factory("verify", quiet, unit="chunk"), repair=repair)
     for problem in report.problems:
         click.echo(problem.line())
+    for note in report.notes:
+        click.echo(note)
     checked = f"{report.arrays} arrays, {report.chunks} chunks, {report.bytes / 1e6:.0f} MB read"
     if not report.problems:
         click.echo(f"{path}: every checksum and completion mark agrees ({checked})")

@@ -83,6 +83,15 @@ def _training(root: zarr.Group, busy: dict) -> list[dict]:
 
 def summary(path: str) -> dict:
     root = store.open_root(path)
+    try:
+        return _summary(path, root)
+    except (ValueError, TypeError) as exc:  # zarr met a zarr.json that is not JSON or not metadata, listing a group
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:60]
+        raise PipelineError(f"store {path} has unreadable metadata ({type(exc).__name__}: {first}); run "
+                            f"`pipeline verify --store {path}` to name it, then `pipeline verify --store {path} --repair`") from None
+
+
+def _summary(path: str, root: zarr.Group) -> dict:
     attrs = root.attrs.asdict()
     modules, splits = attrs["modules"], attrs["splits"]
     complete = sum(store.group_complete(root, f"raw/{split}/{m['key']}") for split in splits for m in modules)

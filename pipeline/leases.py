@@ -13,6 +13,11 @@ recomputing only unfinished chunks; a holder on the same machine whose process i
 at once. Work under a lease is idempotent (a task owns its region and
 writes the same bytes whoever runs it), so a holder that was only slow, not dead, does no harm.
 
+A lease file that is not a lease record (empty, not JSON, a field missing: a full disk, an edit) is
+an expired holder: the next process takes the next generation over it and deletes it, and
+``verify`` names it (``--repair`` deletes it). Treating it as "nobody" would retry the same
+generation forever.
+
 docs/sharing.md explains the choice against the alternatives (lock files, Icechunk transactions).
 """
 
@@ -51,14 +56,19 @@ class Holder:
     expires: float
 
     host: str = ""
+    damaged: bool = False  # the file is not a lease record (empty, not JSON, fields missing): never active
 
     def active(self, now: float | None = None) -> bool:
         """Renewed in time, and not held by a process of this machine that has died (no need to wait out its ttl)."""
+        if self.damaged:
+            return False
         if (now if now is not None else time.time()) >= self.expires:
             return False
         return not (self.host == socket.gethostname() and not _alive(self.pid))
 
     def describe(self) -> str:
+        if self.damaged:
+            return "held by nobody (its lease file is damaged and is taken over)"
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
         return f"being computed by {self.by} (pid {self.pid}) since {since}"
 
@@ -92,6 +102,26 @@ def _read(zstore, key: str) -> dict | None:
         return json.loads(buffer.to_bytes())
     except ValueError:
         return None
+
+
+# A lease record's fields and their types; "host" was added later and may be absent.
+_FIELDS = {"by": str, "pid": int, "token": str, "since": (int, float), "expires": (int, float)}
+
+
+def parse(record) -> dict | None:
+    """The record if it is a well-formed lease, else None (a damaged file: empty, truncated, edited)."""
+    if not isinstance(record, dict):
+        return None
+    for name, kind in _FIELDS.items():
+        if isinstance(record.get(name), bool) or not isinstance(record.get(name), kind):
+            return None
+    return record
+
+
+def damaged_files(zstore: Store) -> list[str]:
+    """Keys of the lease files that are not lease records; commands treat them as expired (verify reports them)."""
+    keys = [key for key in _list(zstore, f"{ROOT}/") if key.endswith(".json")]
+    return [key for key in sorted(keys) if parse(_read(zstore, key)) is None]
 
 
 def _write(zstore, key: str, record: dict, exclusive: bool) -> bool:
@@ -132,6 +162,11 @@ def _delete(zstore: Store, key: str) -> None:
             folder = folder.parent
 
 
+def discard(zstore: Store, key: str) -> None:
+    """Delete a damaged lease file (``verify --repair``), and the folders it leaves empty."""
+    _delete(zstore, key)
+
+
 def _generations(zstore, scope: str) -> list[int]:
     out = []
     prefix = f"{ROOT}/{scope}/"
@@ -147,9 +182,15 @@ def holder(zstore: Store, scope: str) -> Holder | None:
     generations = _generations(zstore, scope)
     if not generations:
         return None
-    record = _read(zstore, _key(scope, generations[-1]))
+    raw = _read(zstore, _key(scope, generations[-1]))
+    record = parse(raw)
     if record is None:
-        return None
+        if raw is None and not sync(zstore.exists(_key(scope, generations[-1]))):
+            return None  # deleted between the listing and the read: released
+        # Damaged: not a holder anyone can be waiting on. Returned as an expired holder so that the next
+        # acquire takes the next generation over it (and deletes it); treating it as "nobody" would make
+        # acquire retry the same generation forever.
+        return Holder(scope, generations[-1], "?", 0, "", 0.0, 0.0, damaged=True)
     return Holder(scope, generations[-1], record["by"], record["pid"], record["token"], record["since"],
                   record["expires"], record.get("host", ""))
 

@@ -280,8 +280,8 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
 def _open_or_create(config: MaterializeConfig, p: Plan):
     """The store to fill: this one resumed, its lost root restored, or a new one (``--overwrite``: replaced crash-safely)."""
     state = store.check_usable(config.store)
-    if state == "damaged" and store.restore_root(config.store):
-        state = "ours"  # the root zarr.json came back from its copy in index/
+    if state != "absent" and store.restore_root(config.store):
+        state = "ours"  # the root zarr.json was lost or damaged, and came back from its copy in index/
     if state == "damaged" and not config.overwrite:
         raise PipelineError(store.damaged_message(config.store))
     if state == "ours":
@@ -289,10 +289,16 @@ def _open_or_create(config: MaterializeConfig, p: Plan):
         if attrs.get("replacing"):  # an interrupted --overwrite: finish it, with the options it recorded
             return _replace(config, p)
         store.check_schema(config.store, attrs.get("schema_version"))
-        same_source = attrs.get("source", {}).get("fingerprint") == p.source.fingerprint
+        if not config.overwrite:
+            store.check_attrs(config.store, attrs)  # damaged attrs: one line that says how to recreate them
+        source_attrs = attrs.get("source") if isinstance(attrs.get("source"), dict) else {}
+        same_source = source_attrs.get("fingerprint") == p.source.fingerprint
         same_layout = attrs.get("layout") == p.layout
         if same_source and same_layout:  # resume (with --overwrite too: nothing would change)
-            return store.open_root(config.store, mode="r+")
+            root = store.open_root(config.store, mode="r+", validate=False)
+            if not store.attrs_valid(config.store, attrs):  # --overwrite, same data: only the root document is damaged
+                store.update_attrs(root, _root_attrs(p, config))
+            return root
         if not config.overwrite:
             what = "a different source" if not same_source else "different layers, splits or chunking"
             raise PipelineError(

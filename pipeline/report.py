@@ -51,7 +51,7 @@ def default_out(path: str) -> Path:
 
 def collect(path: str) -> list[Config]:
     """Every configuration with at least one finished run, in a stable order."""
-    root = store.open_root(path)
+    root = store.open_root(path, validate=False)  # only runs/ is read: damaged root attrs do not matter here
     runs = root.get("runs")
     configs = []
     for digest in sorted(runs.group_keys()) if runs is not None else []:
@@ -161,9 +161,9 @@ def _learning_curves(configs: list[Config], file: Path) -> None:
     for ax, config in zip(axes.flat, configs):
         for k, run in enumerate(config.runs):
             g = config.group[f"run-{run['run']:03d}"]
-            epochs = g["epoch"][:]
-            ax.plot(epochs, g["train_score"][:], color="tab:blue", alpha=0.4, lw=0.8, label="train" if k == 0 else None)
-            ax.plot(epochs, g["val_score"][:], color="tab:orange", alpha=0.6, lw=0.8, label="val" if k == 0 else None)
+            epochs = store.read_array(g, "epoch")
+            ax.plot(epochs, store.read_array(g, "train_score"), color="tab:blue", alpha=0.4, lw=0.8, label="train" if k == 0 else None)
+            ax.plot(epochs, store.read_array(g, "val_score"), color="tab:orange", alpha=0.6, lw=0.8, label="val" if k == 0 else None)
             ax.axvline(run["best_epoch"], color="tab:green", alpha=0.2, lw=0.6)
         ax.set_title(f"{'+'.join(config.attrs['reps'])} [{config.attrs['layer_set']}]", fontsize=8)
         ax.set_xlabel("epoch", fontsize=8)
@@ -180,7 +180,7 @@ def _learning_curves(configs: list[Config], file: Path) -> None:
 def _confusion(config: Config, file: Path) -> None:
     import matplotlib.pyplot as plt
 
-    total = sum(config.group[f"run-{run['run']:03d}/test_confusion"][:] for run in config.runs).astype(np.float64)
+    total = sum(store.read_array(config.group, f"run-{run['run']:03d}/test_confusion") for run in config.runs).astype(np.float64)
     share = total / np.maximum(total.sum(1, keepdims=True), 1)
     classes = config.attrs["classes"]
     size = max(4.0, 0.45 * len(classes) + 2)

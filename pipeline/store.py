@@ -12,11 +12,17 @@ Layout (docs/store-format.md is the spec):
 A group is complete when its attrs say ``complete: true``; that mark is written after its arrays.
 Labels and the store's own bookkeeping (``index/``) never share a group: a label column may be named
 anything, ``row`` and ``model_id`` included. Schema 1 kept the bookkeeping in ``labels/<split>``.
+
+Integrity: every array writes every chunk (even one equal to the fill value), and a complete mark
+records each array's chunk manifest (the crc32c of the chunk at each position), so an absent,
+swapped or replaced chunk is damage that ``verify`` and the readers can see, never zeros read back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import itertools
 import json
 import os
 import shutil
@@ -27,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
+from zarr.abc.store import Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from .commands import quoted
+from .commands import materialize_args, quoted
 from .errors import PipelineError
 from .layers import safe_key
 
@@ -42,6 +48,20 @@ SCHEMA_VERSION = 2  # 2: bookkeeping in index/ (it shared labels/ in 1), a copy 
 INDEX = "index"  # index/<split>/row, index/<split>/model_id; its attrs hold the copy of the root attrs
 DEFAULT_STORE = "stores/default.zarr"
 LEASES = "_leases"  # who is computing what: pipeline/leases.py
+# Written with a complete mark, in the same metadata write: a chunk manifest {"count": n, "crc32c": [per chunk, in
+# C order of the chunk grid]}; a marked group holds one per array, by name, a marked array (a representation) its own.
+MANIFEST = "chunks"
+
+# zarr's default (write_empty_chunks false) skips a chunk equal to the fill value, so an absent chunk
+# file would read back as zeros and could be either "all zeros" or "deleted". Writing every chunk
+# makes absence always damage. It is a runtime setting, not stored in the array's metadata, so it is
+# set here, for the whole process (dask workers import this module too), rather than per create_array:
+# an array reopened later (features writing its region, materialize resuming) would not carry it.
+zarr.config.set({"array.write_empty_chunks": True})
+
+# Root attributes every command relies on, with their JSON type (docs/store-format.md).
+REQUIRED_ATTRS = {"source": dict, "layout": dict, "modules": list, "layers": list, "splits": dict, "labels": dict,
+                  "chunk_models": int}
 
 
 def default_store() -> str:
@@ -162,9 +182,18 @@ def is_damaged_ours(location: str | Path) -> bool:
     return any(_json_attrs(location, f"{name}/zarr.json") is not None for name in _OUR_GROUPS)
 
 
+def root_restorable(location: str | Path) -> bool:
+    """The root zarr.json is lost, unreadable or lacks what commands need, and ``index/`` holds a good copy of it."""
+    copy = root_copy(location)
+    if copy is None or not attrs_valid(location, copy):
+        return False
+    attrs = _root_attrs(location)
+    return not (isinstance(attrs, dict) and attrs.get("format") == FORMAT and attrs_valid(location, attrs))
+
+
 def damaged_message(location: str | Path) -> str:
     """What to do with a store whose root metadata is lost: restore it from its copy, or rebuild."""
-    if root_copy(location) is not None:
+    if root_restorable(location):
         return (f"store {location} has lost its root metadata (zarr.json missing or unreadable); restore it from its "
                 f"copy with {quoted('verify', location, '--repair')} (nothing else is lost)")
     return (f"store {location} has lost its root metadata (zarr.json missing or unreadable) and holds no copy of it; "
@@ -173,10 +202,9 @@ def damaged_message(location: str | Path) -> str:
 
 def restore_root(location: str | Path) -> bool:
     """Write the root zarr.json back from its copy; False when there is no copy."""
-    copy = root_copy(location)
-    if copy is None:
+    if not root_restorable(location):
         return False
-    _write_root(location, copy)
+    _write_root(location, root_copy(location))
     return True
 
 
@@ -261,30 +289,85 @@ def bytes_under(location: str | Path, prefix: str = "") -> int:
 
 def check_schema(path: str | Path, version) -> None:
     """Refuse a store this code cannot read: one written by a newer schema, or a malformed version."""
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:  # True is an int to Python
         raise PipelineError(f"{path} has an invalid schema version {version!r}; it was not written by this pipeline "
-                            f"or is damaged: recreate it with `pipeline materialize --store {path} --overwrite`")
+                            f"or is damaged: recreate it with {quoted('materialize', path, '--source', 'SOURCE', '--overwrite')}")
     if version > SCHEMA_VERSION:
         raise PipelineError(f"{path} was written by a newer pipeline (store schema {version}; this one reads up to "
                             f"{SCHEMA_VERSION}): upgrade weightspace-pipeline to use it (nothing was changed)")
 
 
-def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+def _not_a_store(path: str | Path) -> PipelineError:
+    """What is true of a location that holds no store of ours, and what to do about it."""
+    if not is_url(path):
+        local = local_path(path)
+        if local.is_file():
+            return PipelineError(f"{path} is a file, not a pipeline store (a store is a folder); pass the store's folder "
+                                 "as --store")
+        if (local / "zarr.json").is_file() and not isinstance(_root_attrs(path), dict):
+            return PipelineError(f"the root zarr.json of {path} is damaged (not JSON, or not zarr metadata); restore it "
+                                 f"from a backup, or delete {path} and run {quoted('materialize', path, '--source', 'SOURCE')}")
+        if local.is_dir() and any(child.name != LEASES for child in local.iterdir()):
+            return PipelineError(f"{path} is a folder that is not a pipeline store (no weightspace-pipeline zarr.json at its "
+                                 "top); check the --store path")
+    return PipelineError(f"{path} is not a pipeline store; make one with {quoted('materialize', path, '--source', 'SOURCE')}")
+
+
+def check_attrs(path: str | Path, attrs: dict) -> None:
+    """Refuse, in one line, a store whose root attributes lack what every command relies on."""
+    for key, kind in REQUIRED_ATTRS.items():
+        value = attrs.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "lacks" if key not in attrs else "has a malformed"
+            break
+    else:
+        bad_split = next((s for s, info in attrs["splits"].items()
+                          if not isinstance(info, dict) or not isinstance(info.get("n"), int)), None)
+        bad_module = next((i for i, m in enumerate(attrs["modules"]) if not isinstance(m, dict) or "key" not in m), None)
+        if bad_split is None and bad_module is None and isinstance(attrs["source"].get("fingerprint"), str):
+            return
+        key, what = ("splits" if bad_split is not None else "modules" if bad_module is not None else "source"), "has a malformed"
+    if attrs.get("base"):
+        fix = f"delete {path} and rerun your command with --output {path}"
+    else:
+        recorded = attrs.get("materialize_config")
+        if isinstance(recorded, dict) and recorded.get("source"):  # the very options it was made with
+            args = materialize_args(recorded)
+        else:
+            uri = attrs.get("source", {}).get("uri") if isinstance(attrs.get("source"), dict) else None
+            args = ["--source", uri or "SOURCE"]
+        fix = f"recreate it with {quoted('materialize', path, *args, '--overwrite')}"
+    raise PipelineError(f"{path}: the root zarr.json {what} {key!r} attribute (damaged or edited metadata); {fix}")
+
+
+def attrs_valid(path: str | Path, attrs: dict) -> bool:
+    try:
+        check_attrs(path, attrs)
+    except PipelineError:
+        return False
+    return True
+
+
+def open_root(path: str | Path, mode: str = "r", validate: bool = True) -> zarr.Group:
     """An existing store of ours, read-only ("r") or for updating ("r+"), of a schema this code reads.
 
-    Schema 1 stores are read as they are: ``index_path`` finds their bookkeeping in ``labels/``.
+    ``validate`` checks the root attributes every command needs; only ``materialize --overwrite``,
+    which replaces them, opens without it. Schema 1 stores are read as they are: ``index_path``
+    finds their bookkeeping in ``labels/``.
     """
     attrs = _root_attrs(path)
-    if not attrs or attrs.get("format") != FORMAT:
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         if is_damaged_ours(path):
             raise PipelineError(damaged_message(path))
-        if not is_url(path) and local_path(path).is_file():
-            raise PipelineError(f"{path} is a file, not a pipeline store; pass the store's folder as --store")
-        raise PipelineError(f"{path} is not a pipeline store; make one with {quoted('materialize', path, '--source', 'SOURCE')}")
+        raise _not_a_store(path)
     check_schema(path, attrs.get("schema_version"))
     if attrs.get("replacing"):
         raise PipelineError(f"store {path} is being replaced (a `materialize --overwrite` was interrupted, or is running); "
                             f"run {quoted('materialize', path)} to finish it")
+    if validate:
+        if root_restorable(path):
+            raise PipelineError(damaged_message(path))
+        check_attrs(path, attrs)
     return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
@@ -332,9 +415,13 @@ def create_root(path: str | Path, attrs: dict) -> zarr.Group:
         root = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
     else:
         root = zarr.create_group(store=zarr_store(path), zarr_format=3, overwrite=False, attributes=full)
-    root.create_group(INDEX, attributes={"root": full, "description": "a copy of the root attrs, to restore zarr.json"},
-                      overwrite=True)
+    root.create_group(INDEX, attributes=index_attrs(full), overwrite=True)
     return root
+
+
+def index_attrs(root_attrs: dict) -> dict:
+    """The attrs of ``index/``: the copy of the root attrs a lost root zarr.json is restored from."""
+    return {"root": root_attrs, "description": "a copy of the root attrs, to restore zarr.json"}
 
 
 def begin_replacing(path: str | Path, config: dict) -> None:
@@ -416,7 +503,7 @@ def _copy_arrays(source: zarr.Group, names: list[str], target: zarr.Group, path:
         copy = target.create_array(f"{path}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
                                    dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
                                    attributes=array.attrs.asdict())
-        copy[...] = array[...]
+        copy[...] = read(array)  # an absent or damaged chunk of the base is refused, not copied as zeros
     mark_complete(target, path)
 
 
@@ -434,6 +521,12 @@ def member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
     except KeyError as exc:
         traceback.clear_frames(exc.__traceback__)
         return None
+    except (ValueError, TypeError) as exc:  # a zarr.json that is not JSON, or not a valid metadata document
+        traceback.clear_frames(exc.__traceback__)
+        key = f"{root.path}/{path}".strip("/")
+        raise PipelineError(f"the metadata of {key} in store {location_of(root.store)} is damaged ({type(exc).__name__}); "
+                            f"run {quoted('verify', location_of(root.store), '--repair')}, then the commands it "
+                            "prints") from None
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:
@@ -451,19 +544,37 @@ def update_attrs(node: zarr.Group | zarr.Array, values: dict) -> None:
 
 
 def mark_complete(root: zarr.Group, path: str, **info) -> None:
-    """Written last, after every array of the group: a reader trusts nothing without it."""
-    update_attrs(root.require_group(path), {"complete": True, **provenance(), **info})
+    """Written last, after every array of the group: a reader trusts nothing without it.
+
+    The mark carries the chunk manifest of each of the group's arrays, by name, in the same single
+    write: which arrays the group has (a deleted array's metadata is then seen as damage) and which
+    chunk is at each position of each.
+    """
+    group = root.require_group(path)
+    arrays = dict(sorted(group.arrays()))  # one listing, and every tail below in one round of reads: a mark stays cheap
+    keys = {name: chunk_keys(array) for name, array in arrays.items()}
+    tails = iter(_tails(group.store, [key for name in arrays for key in keys[name]]))
+    manifests = {name: _manifest(array, keys[name], [next(tails) for _ in keys[name]]) for name, array in arrays.items()}
+    update_attrs(group, {"complete": True, MANIFEST: manifests, **provenance(), **info})
+
+
+def mark_array_complete(array: zarr.Array, **info) -> None:
+    """An array that carries its own mark (a representation): its manifest and the mark in one metadata write."""
+    update_attrs(array, {"complete": True, MANIFEST: chunk_manifest(array), **info})
 
 
 def mark_incomplete(root: zarr.Group, path: str) -> None:
     group = root.require_group(path)
     if group.attrs.get("complete"):
-        update_attrs(group, {"complete": False})
+        update_attrs(group, {"complete": False, MANIFEST: None})  # its chunks are rewritten: the manifest with them
 
 
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
     """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
-    existing = member(root, path)
+    try:
+        existing = member(root, path)
+    except PipelineError:  # damaged metadata (verify --repair reset its group): allocate it afresh
+        existing = None
     if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
             and existing.dtype == np.dtype(dtype):
         return existing
@@ -471,3 +582,161 @@ def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtyp
         path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims,
         compressors=compressors if compressors is not None else small_compressors(), attributes=attrs or {}, overwrite=True,
     )
+
+
+# --- chunk integrity: manifests, and reads that refuse what is absent or damaged ------------------------
+
+
+def location_of(zstore: Store) -> str:
+    """The location a zarr store object was opened from, as a user would pass it to --store."""
+    if isinstance(zstore, LocalStore):
+        return str(zstore.root)
+    if isinstance(zstore, FsspecStore):
+        return zstore.fs.unstrip_protocol(zstore.path)
+    return str(zstore)
+
+
+def chunk_keys(array: zarr.Array) -> list[str]:
+    """The store key of every chunk of ``array``, in C order of the chunk grid (the manifest's order)."""
+    return [f"{array.path}/{array.metadata.encode_chunk_key(index)}"
+            for index in itertools.product(*(range(n) for n in array.cdata_shape))]
+
+
+def chunk_tails(array: zarr.Array, keys: list[str] | None = None) -> list[int | None]:
+    """The crc32c each stored chunk carries (its last 4 bytes, written by the crc32c codec), None where absent.
+
+    A byte-range read per chunk, all at once: no chunk is decoded.
+    """
+    return _tails(array.store, chunk_keys(array) if keys is None else keys)
+
+
+def _tails(zstore: Store, keys: list[str]) -> list[int | None]:
+    async def tails():
+        prototype = default_buffer_prototype()
+        return await asyncio.gather(*(zstore.get(key, prototype=prototype, byte_range=SuffixByteRequest(4)) for key in keys))
+
+    return [None if b is None else int.from_bytes(b.to_bytes()[-4:], "little") for b in sync(tails())]
+
+
+def chunk_manifest(array: zarr.Array) -> dict:
+    """What a complete mark records of an array: its chunk count and each chunk's crc32c, by position."""
+    keys = chunk_keys(array)
+    return _manifest(array, keys, chunk_tails(array, keys))
+
+
+def _manifest(array: zarr.Array, keys: list[str], tails: list[int | None]) -> dict:
+    absent = [key for key, tail in zip(keys, tails) if tail is None]
+    if absent:  # every chunk is written (write_empty_chunks), so this is damage during the write itself
+        raise PipelineError(f"{absent[0]} is missing in store {location_of(array.store)} just after it was written "
+                            "(a disk or another process removed it); rerun the command")
+    return {"count": len(tails), "crc32c": tails}
+
+
+def manifest_of(array: zarr.Array, group: zarr.Group | None = None) -> dict | None:
+    """The chunk manifest of ``array``: in its own attrs (a representation), else in its group's mark; None
+    when unfinished or written before manifests existed."""
+    own = array.attrs.get(MANIFEST)
+    if isinstance(own, dict) and "count" in own:
+        return own
+    marks = group.attrs.get(MANIFEST) if group is not None else None
+    found = marks.get(array.basename) if isinstance(marks, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def chunk_problems(array: zarr.Array, manifest: dict | None, legacy: bool = True) -> list[tuple[str, tuple, str]]:
+    """(key, chunk index, what is wrong) for every chunk that is absent, or not the chunk the manifest
+    recorded at its position (swapped, copied or replaced). Without a manifest only presence is
+    checked; ``legacy``: the array may have been written before manifests (and empty chunks) existed."""
+    keys = chunk_keys(array)
+    indices = list(itertools.product(*(range(n) for n in array.cdata_shape)))
+    tails = chunk_tails(array, keys)
+    recorded = manifest.get("crc32c") if isinstance(manifest, dict) else None
+    if recorded is not None and len(recorded) != len(keys):
+        return [(array.path, (0,) * array.ndim,
+                 f"has {len(keys)} chunks but {len(recorded)} were recorded when it was marked complete")]
+    out = []
+    for position, (key, index, tail) in enumerate(zip(keys, indices, tails)):
+        if tail is None:
+            what = "chunk missing (deleted or lost)"
+            if recorded is None and legacy:
+                what += ("; this array predates chunk manifests, so it may also be a chunk of fill values zarr did not "
+                         "write: the repair rewrites it either way")
+            out.append((key, index, what))
+        elif recorded is not None and tail != recorded[position]:
+            others = [keys[i] for i, crc in enumerate(recorded) if crc == tail and i != position]
+            what = (f"holds the chunk written at {others[0][len(array.path) + 1:]} (chunks swapped or copied)"
+                    if others else "is not the chunk written here (replaced: its checksum differs from the recorded one)")
+            out.append((key, index, what))
+    return out
+
+
+def _covering(array: zarr.Array, start: int | None, stop: int | None) -> list[str]:
+    """Keys of the chunks holding models [start, stop) (every model when None) of ``array``."""
+    if array.ndim == 0 or start is None:
+        return chunk_keys(array)
+    first, last = start // array.chunks[0], (max(stop, start + 1) - 1) // array.chunks[0]
+    rest = [range(n) for n in array.cdata_shape[1:]]
+    return [f"{array.path}/{array.metadata.encode_chunk_key(index)}"
+            for index in itertools.product(range(first, min(last + 1, array.cdata_shape[0])), *rest)]
+
+
+def _damaged(array: zarr.Array, key: str, what: str) -> PipelineError:
+    where = location_of(array.store)
+    return PipelineError(f"{key} in store {where} is {what}; run {quoted('verify', where, '--repair')}, "
+                         "then the commands it prints")
+
+
+def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None = None, group: zarr.Group | None = None) -> None:
+    """Refuse to read a complete array (one with a manifest, in its attrs or its ``group``'s mark) one of
+    whose chunks covering models [start, stop) is absent: zarr would return fill values for it. One
+    existence check per chunk."""
+    manifest = manifest_of(array, group)
+    if manifest is None:
+        return  # unfinished (a reader does not use it) or written before manifests: verify checks those
+    if manifest.get("count") != int(np.prod(array.cdata_shape)):
+        raise _damaged(array, array.path, f"not the array that was marked complete ({manifest.get('count')} chunks "
+                                          f"recorded, {int(np.prod(array.cdata_shape))} now)")
+    for key in _covering(array, start, stop):
+        if not sync(array.store.exists(key)):
+            raise _damaged(array, key, "missing (a chunk file was deleted or lost)")
+
+
+def read(array: zarr.Array, start: int | None = None, stop: int | None = None, group: zarr.Group | None = None) -> np.ndarray:
+    """``array[start:stop]`` (all of it when None), refusing an absent chunk and naming a damaged one, in one line.
+
+    ``group``: the array's group, whose complete mark holds its manifest (see ``check_chunks``)."""
+    check_chunks(array, start, stop, group)
+    try:
+        return array[...] if start is None else array[start:stop]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk raises whatever its codec raises
+        first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". Stored:")[0][:80]
+        for key in _covering(array, start, stop):  # which chunk: only on this error path
+            index = tuple(int(i) for i in key.rsplit("/c", 1)[-1].strip("/").split("/") if i)
+            selection = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))
+            try:
+                array[selection]
+            except Exception:  # noqa: BLE001
+                raise _damaged(array, key, f"damaged ({first})") from None
+        raise _damaged(array, array.path, f"unreadable ({first})") from None
+
+
+def read_array(group: zarr.Group, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """The array ``name`` (a path below ``group``) of a complete group, read with ``read``; a missing array is
+    one line, not a KeyError."""
+    if "/" in name:
+        parent, name = name.rsplit("/", 1)
+        group = member(group, parent)
+        if not isinstance(group, zarr.Group):
+            raise _damaged_group(group, parent)
+    array = member(group, name)
+    if not isinstance(array, zarr.Array):
+        raise _damaged_group(group, name)
+    return read(array, start, stop, group)
+
+
+def _damaged_group(group: zarr.Group, name: str) -> PipelineError:
+    where, key = location_of(group.store), f"{group.path}/{name}".strip("/")
+    return PipelineError(f"{key} is missing in store {where} although {key.rsplit('/', 1)[0]} is marked complete; "
+                         f"run {quoted('verify', where, '--repair')}, then the commands it prints")

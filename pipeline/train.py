@@ -224,7 +224,7 @@ def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, st
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
     kind = known[label]["kind"]
-    raw = {split: root[store.label_path(root, split, label)][:] for split in SPLITS}
+    raw = {split: store.read_array(root, store.label_path(root, split, label)) for split in SPLITS}
     if kind == "float":
         task, classes = "regression", []
         keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
@@ -294,7 +294,7 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict
         home = feature_home(root, name)
         for split in SPLITS:
             if (split, name) not in cache:
-                cache[(split, name)] = home[f"features/{split}/{name}"][:]
+                cache[(split, name)] = store.read_array(home, f"features/{split}/{name}")
             values = cache[(split, name)][keep[split]][:, index].reshape(len(keep[split]), -1)
             bad = int((~np.isfinite(values)).sum())
             if bad:
@@ -695,6 +695,9 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
         if data.task == "classification":
             _write_array(g, "test_confusion", final["test"]["confusion"][r].cpu().numpy(), ("true_class", "pred_class"),
                          {"classes": data.classes})
+    # The marks last and back to back: a kill between two marks of one batch redoes the batch, so keep that window short.
+    for r, (run, seed) in enumerate(zip(runs, seeds)):
+        key, epochs = f"runs/{digest}/{run_key(run)}", len(ens.curves["lr"][r])
         store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,

@@ -1,27 +1,37 @@
-"""``pipeline verify``: read every chunk of a store, check every checksum and every completion mark.
+"""``pipeline verify``: read every chunk of a store, check every checksum, chunk and completion mark.
 
 Every array of the store carries a crc32c checksum per chunk (the last codec of its chain), which
-zarr checks on each read; reading every chunk is therefore checking every checksum. Marks are
-checked against the data: a complete raw group must hold its arrays at the split's size, a
-complete representation must have every chunk's progress flag set, a complete run its arrays.
+zarr checks on each read; reading every chunk is therefore checking every checksum. A checksum
+covers a chunk's bytes, not its position or its existence (zarr reads an absent chunk as fill
+values), so every array of a complete piece is also checked against the chunk manifest its mark
+recorded (pipeline/store.py): every chunk present, each the one written at its position. Marks are
+checked against the data: a complete group must hold the arrays its mark names, at the split's
+size; a complete representation must have every chunk's progress flag set. Unreadable metadata
+documents and damaged lease files are named, and never stop the check.
 
 Each problem names the piece and the command that repairs it. ``repair`` (``verify --repair``)
 makes the normal commands redo exactly the damaged pieces: it clears the complete mark of a
 damaged raw or label group and of a damaged run, and the progress flag of a damaged feature chunk,
-so that ``materialize``, ``features`` and ``train`` recompute those and nothing else.
+so that ``materialize``, ``features`` and ``train`` recompute those and nothing else; it deletes
+unreadable metadata documents (their pieces are then rebuilt), damaged lease files and orphaned
+temporary files. A personal store (``--output``) is checked for what it holds; its base is
+verified on its own.
 """
 
 from __future__ import annotations
 
-import itertools
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from . import leases, store
 from .commands import command
+from .errors import PipelineError
 from .train import train_command
 
 
@@ -30,7 +40,10 @@ class Problem:
     piece: str  # what is damaged: an array chunk's key, or a group
     what: str  # what is wrong with it
     repair: str  # the command that rebuilds it (after `pipeline verify --repair`)
-    reset: tuple  # what --repair resets: ("group", path) or ("flag", features group, rep, chunk)
+    # what --repair resets: ("none",), ("group", path, *keys to delete first), ("flag", features group, rep, chunk),
+    # ("key", store key to delete), ("node", node to delete with all below it), ("regroup", plain group whose
+    # metadata is rewritten), ("lease", lease file key), ("delete", local file)
+    reset: tuple
 
     def line(self) -> str:
         return f"{self.piece}: {self.what}; repair: {self.repair}"
@@ -42,23 +55,48 @@ class Report:
     arrays: int = 0
     chunks: int = 0
     bytes: int = 0  # uncompressed bytes read
+    notes: list[str] = field(default_factory=list)  # what was not checked here, and where it is
+
+
+@dataclass(frozen=True)
+class _Read:
+    """An array to read chunk by chunk once the marks are checked."""
+
+    array: zarr.Array
+    on_bad: object  # on_bad(key, chunk index, what)
+    complete: bool  # marked complete: every chunk must be present and match the manifest
+    manifest: dict | None = None  # the chunks its mark recorded (None: written before manifests existed)
+    legacy: bool = True  # without a manifest, it may predate them (False: an array that never has one)
+
+
+UNREADABLE = "metadata (zarr.json) unreadable: not JSON, or not zarr metadata"
 
 
 def _chunk_slices(array: zarr.Array):
-    """(chunk key, selection) for every chunk of ``array``."""
-    for index in itertools.product(*(range(n) for n in array.cdata_shape)):
+    """(chunk key, index, selection) for every chunk of ``array``."""
+    for key, index in zip(store.chunk_keys(array), np.ndindex(*array.cdata_shape)):
         selection = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, array.chunks, array.shape))
-        yield f"{array.path}/c/" + "/".join(map(str, index)), index, selection
+        yield key, index, selection
 
 
-def _read_all(array: zarr.Array, report: Report, on_bad, bar=None) -> None:
-    """Read ``array`` chunk by chunk; ``on_bad(key, index, message)`` for each chunk that fails its checksum."""
+def _read_all(read: _Read, report: Report, bar=None) -> None:
+    """Check ``read.array``'s chunks against its manifest, then read each present chunk; ``on_bad`` for each bad one."""
+    array, on_bad = read.array, read.on_bad
     report.arrays += 1
+    skip = set()
+    if read.complete:
+        for key, index, what in store.chunk_problems(array, read.manifest, read.legacy):
+            on_bad(key, index, what)
+            skip.add(key)
+    else:  # unfinished: chunks not computed yet are absent, and there is nothing to read in them
+        skip = {key for key, tail in zip(store.chunk_keys(array), store.chunk_tails(array)) if tail is None}
     for key, index, selection in _chunk_slices(array):
+        if key in skip:
+            continue
         try:
             values = array[selection]
         except Exception as exc:  # noqa: BLE001 - a damaged chunk raises whatever its codec raises
-            on_bad(key, index, f"unreadable chunk ({str(exc).splitlines()[0][:80]})")
+            on_bad(key, index, f"unreadable chunk ({(str(exc).splitlines() or [type(exc).__name__])[0][:80]})")
             continue
         nbytes = values.nbytes if isinstance(values, np.ndarray) and values.dtype.kind != "O" else 0
         report.chunks += 1
@@ -67,136 +105,258 @@ def _read_all(array: zarr.Array, report: Report, on_bad, bar=None) -> None:
             bar.update(layers=1, nbytes=nbytes)
 
 
-def _arrays(group: zarr.Group):
-    for name in sorted(group.array_keys()):
-        yield group[name]
+def _members(group: zarr.Group) -> tuple[dict, dict, list[str]]:
+    """(arrays, groups, names whose metadata is unreadable) of a group, by name.
+
+    Listed from the store's keys, one child at a time: zarr's own listing fails as a whole on one
+    damaged zarr.json.
+    """
+    async def names():
+        return [name async for name in group.store.list_dir(group.path)]
+
+    prefix = f"{group.path}/" if group.path else ""
+    arrays, groups, damaged = {}, {}, []
+    for name in sorted(sync(names())):
+        if name == "zarr.json" or not sync(group.store.exists(f"{prefix}{name}/zarr.json")):
+            continue
+        try:
+            node = store.member(group, name)
+        except PipelineError:
+            damaged.append(name)
+            continue
+        (arrays if isinstance(node, zarr.Array) else groups)[name] = node
+    return arrays, groups, damaged
 
 
-def verify(path: str, progress=None) -> Report:
+def _open(root: zarr.Group, path: str, report: Report, command: str, reset: tuple):
+    """The node at ``path``, or None; an unreadable one is reported (its repair deletes its metadata)."""
+    try:
+        return store.member(root, path)
+    except PipelineError:
+        if not any(p.piece == path for p in report.problems):  # not already named as a plain group
+            report.problems.append(Problem(path, UNREADABLE, command, (*reset, f"{path}/zarr.json")))
+        return None
+
+
+def _plain_groups(root: zarr.Group, attrs: dict, report: Report) -> None:
+    """Groups that only hold other nodes and carry no attributes: a missing or unreadable zarr.json there
+    hides everything below it from zarr's listings and breaks the writers; --repair rewrites it."""
+    splits = list(attrs["splits"])
+    index = [store.INDEX] if attrs.get("schema_version", 1) >= 2 else []  # index/<split> has marks: _verify_labels
+    paths = ["raw", "labels", "features", "runs", *(f"{top}/{s}" for top in ("raw", "features") for s in splits),
+             *(f"features/{s}/_progress" for s in splits), *index]
+    zstore = root.store
+
+    async def children(path):
+        return [name async for name in zstore.list_dir(path) if name != "zarr.json"]
+
+    for path in paths:
+        if not sync(children(path)):
+            continue  # absent (nothing computed yet, or a personal store's raw/): nothing hidden
+        raw = store._get(zstore, f"{path}/zarr.json")
+        if raw is None:
+            what = "group metadata (zarr.json) missing: deleted"
+        else:
+            try:
+                meta = json.loads(raw)
+                ok = isinstance(meta, dict) and meta.get("node_type") == "group" and meta.get("zarr_format") == 3
+            except ValueError:
+                ok = False
+            if ok:
+                continue
+            what = UNREADABLE
+        report.problems.append(Problem(path, what, "none (`pipeline verify --repair` rewrites it)", ("regroup", path)))
+
+
+def _check_repairable(path: str) -> None:
+    try:
+        store.check_writable(path)
+    except PipelineError as exc:
+        reason = re.search(r"\(([^)]*)\)", str(exc))
+        raise PipelineError(f"cannot repair {path}: it cannot be written here ({reason.group(1) if reason else exc}); "
+                            "nothing was changed: run `pipeline verify` without --repair to see the damage, and ask "
+                            "whoever can write the store to repair it") from None
+
+
+def verify(path: str, progress=None, repair: bool = False) -> Report:
     """Check the whole store; read-only. The marks are checked first, then every chunk is read, with
-    ``progress(total_layers=chunks, total_bytes=bytes)`` making the bar (one step per chunk)."""
-    if store.is_damaged_ours(path) and store.root_copy(path) is not None:
+    ``progress(total_layers=chunks, total_bytes=bytes)`` making the bar (one step per chunk).
+    ``repair``: the caller will repair what is found, so a store that cannot be written is refused first."""
+    if repair:
+        _check_repairable(path)
+    if store.root_restorable(path):
         # Nothing else can be checked without the root; --repair restores it, then verify checks the rest.
-        return Report([Problem("zarr.json", "the root metadata is missing or unreadable", command("verify", path),
+        return Report([Problem("zarr.json", "the root metadata is missing, unreadable or incomplete", command("verify", path),
                                ("root",))])
     root = store.open_root(path, mode="r")
     attrs = root.attrs.asdict()
     busy = leases.active_holders(root.store)
     report = Report()
-    reads: list = []  # (array, on_bad): what to read once the marks are checked
-    _verify_raw(root, path, attrs, report, reads, busy)
+    reads: list[_Read] = []
+    base = store.base_location(root)
+    materialize = command("materialize", path)  # with the store's own source and options: materialize.resume_config
+    _plain_groups(root, attrs, report)
+    _verify_labels(root, path, attrs, report, reads, busy, materialize)
+    if base:
+        report.notes.append(f"{path} is a personal store built on {base}: its raw layers, and the features not computed "
+                            f"here, are read there and not checked here; verify it on its own: "
+                            f"`{command('verify', base)}`")
+    else:
+        _verify_raw(root, attrs, report, reads, busy, materialize)
     _verify_features(root, path, attrs, report, reads, busy)
     _verify_runs(root, path, report, reads, busy)
     _orphans(path, report)
-    total_chunks = sum(int(np.prod(array.cdata_shape)) for array, _ in reads)
-    total_bytes = sum(int(np.prod(array.shape)) * array.dtype.itemsize for array, _ in reads if array.dtype.kind in "biuf")
+    _damaged_leases(root, report)
+    total_chunks = sum(int(np.prod(r.array.cdata_shape)) for r in reads)
+    total_bytes = sum(int(np.prod(r.array.shape)) * r.array.dtype.itemsize for r in reads if r.array.dtype.kind in "biuf")
     bar = progress(total_layers=total_chunks, total_bytes=total_bytes) if progress else None
     try:
-        for array, on_bad in reads:
-            _read_all(array, report, on_bad, bar)
+        for read in reads:
+            _read_all(read, report, bar)
     finally:
         if bar:
             bar.close()
     return report
 
 
-def _verify_raw(root, path: str, attrs: dict, report: Report, reads: list, busy: dict) -> None:
-    materialize = command("materialize", path)  # the store's own source and options: materialize.resume_config
-    label_keys = {info.get("key") or store.safe_key(name) for name, info in attrs["labels"].items()}
-    expected_of = {}
-    for split in attrs["splits"]:
-        expected_of[store.index_path(root, split)] = {"row"}
-        expected_of[f"labels/{split}"] = label_keys | expected_of.get(f"labels/{split}", set())
-    groups = [(path, None) for path in expected_of]
-    groups += [(f"raw/{split}/{m['key']}", split) for split in attrs["splits"] for m in attrs["modules"]]
-    for group_path, split in groups:
-        if not store.group_complete(root, group_path):
-            if "materialize" not in busy:
-                report.problems.append(Problem(group_path, "never finished (an interrupted materialize)", materialize,
-                                               ("none",)))
+def _check_group(root, group_path: str, expected: set, n: int | None, command: str, report: Report, reads: list,
+                 on_unfinished) -> None:
+    """A group marked complete holds the arrays its mark names (``expected`` for marks older than that),
+    each with ``n`` models; its arrays are then read in full."""
+    group = _open(root, group_path, report, command, ("group", group_path))
+    if group is None or not group.attrs.get("complete"):
+        if group is not None or not any(p.piece == group_path for p in report.problems):
+            on_unfinished()
+        return
+    arrays, _, damaged = _members(group)
+    for name in damaged:
+        report.problems.append(Problem(f"{group_path}/{name}", UNREADABLE, command,
+                                       ("group", group_path, f"{group_path}/{name}/zarr.json")))
+    recorded = group.attrs.get(store.MANIFEST)
+    missing = set(recorded if isinstance(recorded, dict) else expected) - set(arrays) - set(damaged)
+    if missing:
+        report.problems.append(Problem(group_path, f"marked complete but {', '.join(sorted(missing))} missing", command,
+                                       ("group", group_path)))
+    for name, array in arrays.items():
+        if n is not None and (array.ndim == 0 or array.shape[0] != n):
+            report.problems.append(Problem(array.path, f"marked complete but has {array.shape[:1] or 'no'} models, not {n}",
+                                           command, ("group", group_path)))
             continue
-        group = root[group_path]
-        n = attrs["splits"][group_path.split("/")[1]]["n"]
-        names = set(group.array_keys())
-        expected = {"A", "B"} if split else expected_of[group_path]
-        if not expected <= names:
-            report.problems.append(Problem(group_path, f"marked complete but {', '.join(sorted(expected - names))} missing",
-                                           materialize, ("group", group_path)))
-            continue
-        for array in _arrays(group):
-            if array.shape[0] != n:
-                report.problems.append(Problem(array.path, f"marked complete but has {array.shape[0]} models, not {n}",
-                                               materialize, ("group", group_path)))
-                continue
-            reads.append((array, lambda key, _, what, group_path=group_path: report.problems.append(
-                Problem(key, what, materialize, ("group", group_path)))))
+        reads.append(_Read(array, lambda key, _, what, group_path=group_path: report.problems.append(
+            Problem(key, what, command, ("group", group_path))), True, store.manifest_of(array, group)))
+
+
+def _verify_labels(root, path: str, attrs: dict, report: Report, reads: list, busy: dict, materialize: str) -> None:
+    keys = {info.get("key") or safe_key(name) for name, info in attrs["labels"].items()}
+    bookkeeping = {"row"} | ({"model_id"} if attrs.get("id_column") else set())
+    # A personal store's labels are a copy of its base's: remaking the personal store is their repair.
+    fix = (f"delete {path} and rerun your command with --output {path}" if store.base_location(root) else materialize)
+    for split, info in attrs["splits"].items():
+        expected = {f"labels/{split}": keys}
+        index = store.index_path(root, split)  # labels/<split> itself in schema 1
+        expected[index] = expected.get(index, set()) | bookkeeping
+        for group_path, names in expected.items():
+            _check_group(root, group_path, names, info["n"], fix, report, reads,
+                         lambda group_path=group_path: "materialize" in busy or report.problems.append(
+                             Problem(group_path, "never finished (an interrupted materialize)", fix, ("none",))))
+
+
+def _verify_raw(root, attrs: dict, report: Report, reads: list, busy: dict, materialize: str) -> None:
+    for split, info in attrs["splits"].items():
+        for m in attrs["modules"]:
+            group_path = f"raw/{split}/{m['key']}"
+            expected = {"A", "B"} | ({"rank"} if m.get("rank_varies") else set()) | ({"alpha"} if m.get("alpha_varies") else set())
+            _check_group(root, group_path, expected, info["n"], materialize, report, reads,
+                         lambda group_path=group_path: "materialize" in busy or report.problems.append(
+                             Problem(group_path, "never finished (an interrupted materialize)", materialize, ("none",))))
 
 
 def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, busy: dict) -> None:
     for split in attrs["splits"]:
-        features = root.get(f"features/{split}")
+        recompute = command("features", path, "--split", split, "--force")
+        features = _open(root, f"features/{split}", report, recompute, ("key",))
         if features is None:
             continue
+        arrays, _, damaged = _members(features)
+        progress = _open(root, f"features/{split}/_progress", report, recompute, ("key",))
+        flags_arrays, _, damaged_flags = _members(progress) if progress is not None else ({}, None, [])
         n = attrs["splits"][split]["n"]
-        for name in sorted(k for k in features.array_keys() if k not in ("layer", "module")):
-            array = features[name]
-            command = f"pipeline features --store {path} --rep {name} --split {split}"
+        # A coordinate is written once, when absent: its repair deletes it, and any features run of the split rewrites it.
+        rewrite = command("features", path, "--split", split, "--rep", next(iter(sorted(flags_arrays)), "all"))
+        for name in damaged:  # a representation or coordinate whose zarr.json is garbage: deleted, it is recomputed
+            if name in ("layer", "module"):
+                report.problems.append(Problem(f"features/{split}/{name}", UNREADABLE, rewrite, ("node", f"features/{split}/{name}")))
+                continue
+            recompute_rep = command("features", path, "--rep", name, "--split", split)
+            report.problems.append(Problem(f"features/{split}/{name}", UNREADABLE, recompute_rep,
+                                           ("key", f"features/{split}/{name}/zarr.json")))
+        for name in sorted(set(flags_arrays) - set(arrays) - set(damaged)):
+            if f"features/{split}/{name}" not in busy:
+                report.problems.append(Problem(f"features/{split}/{name}", "array metadata (zarr.json) missing: deleted",
+                                               command("features", path, "--rep", name, "--split", split), ("none",)))
+        for name in sorted(k for k in arrays if k not in ("layer", "module")):
+            array = arrays[name]
+            recompute_rep = command("features", path, "--rep", name, "--split", split)
             flags_path = f"_progress/{name}"
             if f"features/{split}/{name}" in busy:
                 continue  # being computed: its marks are not final yet
             try:
-                flags = features[flags_path][:]
-            except Exception:  # noqa: BLE001 - missing or damaged flags: recompute the representation
+                flags = store.read(flags_arrays[name]) if name in flags_arrays and name not in damaged_flags else None
+            except PipelineError:
+                flags = None
+            if flags is None:  # missing or damaged flags: recompute the representation
                 report.problems.append(Problem(f"features/{split}/{flags_path}", "progress flags missing or unreadable",
-                                               command + " --force", ("none",)))
+                                               recompute_rep + " --force", ("none",)))
                 continue
             complete = bool(array.attrs.get("complete"))
             if not complete:
                 report.problems.append(Problem(array.path, f"never finished ({int(flags.sum())}/{len(flags)} chunks; "
-                                               "an interrupted features run)", command, ("none",)))
+                                               "an interrupted features run)", recompute_rep, ("none",)))
             elif not flags.all() or array.shape[0] != n:
-                report.problems.append(Problem(array.path, "marked complete but chunks are missing", command + " --force",
+                report.problems.append(Problem(array.path, "marked complete but chunks are missing", recompute_rep + " --force",
                                                ("none",)))
                 continue
 
-            def bad(key, index, what, features=features, name=name, command=command):
-                report.problems.append(Problem(key, what, command, ("flag", features.path, name, index[0])))
+            def bad(key, index, what, features=features, name=name, recompute_rep=recompute_rep):
+                report.problems.append(Problem(key, what, recompute_rep, ("flag", features.path, name, index[0])))
 
-            reads.append((array, bad))
+            reads.append(_Read(array, bad, complete, store.manifest_of(array)))
         for coordinate in ("layer", "module"):
-            if coordinate in features:
-                reads.append((features[coordinate], lambda key, _, what, split=split: report.problems.append(
-                    Problem(key, what, f"pipeline features --store {path} --split {split} --force", ("none",)))))
+            if coordinate in arrays:
+                reads.append(_Read(arrays[coordinate], lambda key, _, what, node=f"features/{split}/{coordinate}", rewrite=rewrite:
+                                   report.problems.append(Problem(key, what, rewrite, ("node", node))), True, None, False))
 
 
 def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> None:
-    runs = root.get("runs")
-    for digest in sorted(runs.group_keys()) if runs is not None else []:
+    runs = _open(root, "runs", report, command("train", path), ("key",))
+    if runs is None:
+        return
+    _, groups, damaged = _members(runs)
+    for digest in damaged:  # its attributes (the configuration) are lost: the whole configuration is retrained
+        report.problems.append(Problem(f"runs/{digest}", UNREADABLE, command("train", path) + " (with that configuration's options: they were in the lost metadata)",
+                                       ("node", f"runs/{digest}")))
+    for digest, group in groups.items():
         if f"train/{digest}" in busy:
             continue
-        group = runs[digest]
         config = group.attrs.get("config")
-        keys = sorted(k for k in group.group_keys() if k.startswith("run-"))
-        command = train_command(path, config, len(keys)) if config else f"pipeline train --store {path}"
+        _, run_groups, damaged_runs = _members(group)
+        keys = sorted(k for k in [*run_groups, *damaged_runs] if k.startswith("run-"))
+        try:
+            retrain = train_command(path, config, len(keys)) if config else command("train", path)
+        except (KeyError, TypeError, AttributeError):  # a damaged config: the plain command, with the user's options
+            retrain = command("train", path)
         for key in keys:
-            run = group[key]
             run_path = f"runs/{digest}/{key}"
-            if not run.attrs.get("complete"):
-                report.problems.append(Problem(run_path, "never finished (an interrupted train)", command, ("none",)))
-                continue
-            missing = {"test_pred", "test_true", "epoch"} - set(run.array_keys())
-            if missing:
-                report.problems.append(Problem(run_path, f"marked complete but {', '.join(sorted(missing))} missing", command,
-                                               ("group", run_path)))
-                continue
-            for array in _arrays(run):
-                reads.append((array, lambda k, _, what, run_path=run_path: report.problems.append(
-                    Problem(k, what, command, ("group", run_path)))))
+            _check_group(root, run_path, {"test_pred", "test_true", "epoch"}, None, retrain, report, reads,
+                         lambda run_path=run_path: report.problems.append(
+                             Problem(run_path, "never finished (an interrupted train)", retrain, ("none",))))
 
 
 def _orphans(path: str, report: Report) -> None:
     """Temporary files of writes that were killed (zarr writes ``<name>.<uuid>.partial``, then renames it)."""
-    local = Path(path)
+    if store.is_url(path):
+        return
+    local = store.local_path(path)
     if not local.is_dir():
         return
     for orphan in sorted(local.rglob("*.partial")):
@@ -204,24 +364,48 @@ def _orphans(path: str, report: Report) -> None:
                                        "none (`pipeline verify --repair` deletes it)", ("delete", str(orphan))))
 
 
+def _damaged_leases(root: zarr.Group, report: Report) -> None:
+    for key in leases.damaged_files(root.store):
+        report.problems.append(Problem(key, "damaged lease file (empty, not JSON, or fields missing); commands treat it "
+                                            "as expired and take its work over", "none (`pipeline verify --repair` deletes it)",
+                                       ("lease", key)))
+
+
 def repair(path: str, problems: list[Problem]) -> list[str]:
-    """Clear the marks of the damaged pieces so the normal commands redo them; returns those commands, in order."""
-    if any(p.reset[0] == "root" for p in problems):
-        store.check_writable(path)
+    """Clear the marks of the damaged pieces so the normal commands redo them; returns those commands, in order.
+
+    Unreadable metadata is deleted first, so that the marks can then be written over it.
+    """
+    _check_repairable(path)
+    if any(p.reset[0] == "root" for p in problems):  # restored from the copy in index/; then verify checks the rest
         store.restore_root(path)
         return [command("verify", path)]
-    root = store.open_root(path, mode="r+")
+    zstore = store.zarr_store(path)
     for problem in problems:
+        kind, keys = problem.reset[0], problem.reset[2:] if problem.reset[0] == "group" else problem.reset[1:]
+        if kind in ("group", "key", "regroup"):
+            for key in keys if kind != "regroup" else [f"{problem.reset[1]}/zarr.json"]:
+                sync(zstore.delete(key))
+        elif kind == "node":
+            sync(zstore.delete_dir(problem.reset[1]))
+        elif kind == "lease":
+            leases.discard(zstore, problem.reset[1])
+        elif kind == "delete":
+            Path(problem.reset[1]).unlink(missing_ok=True)
+    root = store.open_root(path, mode="r+")
+    for problem in sorted(problems, key=lambda p: p.reset[0] != "regroup"):  # parents first
         kind = problem.reset[0]
-        if kind == "group":
+        if kind == "regroup":
+            group = root.require_group(problem.reset[1])
+            if problem.reset[1] == store.INDEX:  # it holds the copy of the root attrs: write it again
+                store.update_attrs(group, store.index_attrs(root.attrs.asdict()))
+        elif kind == "group":
             store.mark_incomplete(root, problem.reset[1])
         elif kind == "flag":
             _, features_path, name, chunk = problem.reset
             features = root[features_path]
             features[f"_progress/{name}"][chunk] = 0
-            store.update_attrs(features[name], {"complete": False})
-        elif kind == "delete":
-            Path(problem.reset[1]).unlink(missing_ok=True)
+            store.update_attrs(features[name], {"complete": False, store.MANIFEST: None})
     order = {"pipeline materialize": 0, "pipeline features": 1, "pipeline train": 2, "pipeline verify": 3}
     commands = sorted({p.repair for p in problems if p.repair.startswith("pipeline ")},
                       key=lambda c: (min(v for k, v in order.items() if c.startswith(k)), c))

@@ -6,6 +6,7 @@ import numpy as np
 import xarray as xr
 
 from . import store
+from .commands import quoted
 from .errors import PipelineError
 
 
@@ -28,10 +29,15 @@ def open_features(path: str, split: str, complete_only: bool = True) -> xr.Datas
     try:
         features = xr.open_zarr(path, group=f"features/{split}", consolidated=False)
     except (FileNotFoundError, KeyError):
-        raise PipelineError(f"store {path} has no features for split {split!r}; run `pipeline features --store {path}`") from None
+        raise PipelineError(f"store {path} has no features for split {split!r}; run {quoted('features', path)}") from None
     if complete_only:
         features = features[[name for name in features.data_vars if features[name].attrs.get("complete")]]
     labels = open_labels(path, split)
+    root = store.open_root(path)
+    for group in {f"features/{split}", f"labels/{split}", store.index_path(root, split)}:
+        names = features.data_vars if group.startswith("features/") else root[group].array_keys()
+        for name in names:  # xarray would read an absent chunk as zeros: refuse it, in one line
+            store.check_chunks(root[f"{group}/{name}"], group=root[group])
     coords = {name: ("model", labels[name].values) for name in labels.data_vars}
     return features.assign_coords(coords)
 
