@@ -50,6 +50,19 @@ def run_printed(command: str):
     return run_cli(*args[1:])
 
 
+def copy_of(store: Path, path: Path) -> tuple[Path, zarr.Group, str]:
+    """A writable copy of ``store`` at ``path``: (path, its root, its first module's key)."""
+    shutil.copytree(store, path)
+    root = zarr.open_group(str(path), mode="r+")
+    return path, root, root.attrs["modules"][0]["key"]
+
+
+def flip_byte(chunk: Path, at: int | None = None) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
 def printed_commands(text: str) -> list[str]:
     """The `pipeline ...` commands in a message (between backquotes) or a listing (indented lines)."""
     found = [part for i, part in enumerate(text.split("`")) if i % 2 and part.startswith("pipeline ")]
@@ -111,11 +124,8 @@ def made_with_options(tmp_path_factory):
 
 
 def test_materialize_alone_resumes_with_the_options_the_store_was_made_with(made_with_options, tmp_path):
-    clean, src = made_with_options
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(clean, copy)
-    root = zarr.open_group(str(copy), mode="r+")
-    key = root.attrs["modules"][0]["key"]
+    clean, _ = made_with_options
+    copy, root, key = copy_of(clean, tmp_path / "copy.zarr")
     store_mod.mark_incomplete(root, f"raw/val/{key}")
     features_before = file_snapshot(copy / "features")
     runs_before = file_snapshot(copy / "runs")
@@ -127,14 +137,8 @@ def test_materialize_alone_resumes_with_the_options_the_store_was_made_with(made
 
 def test_verify_repair_prints_commands_that_repair_exactly(made_with_options, tmp_path):
     clean, _ = made_with_options
-    copy = tmp_path / "with space's.zarr"
-    shutil.copytree(clean, copy)
-    root = zarr.open_group(str(copy), mode="r")
-    key = root.attrs["modules"][0]["key"]
-    chunk = sorted((copy / "raw" / "train" / key / "A" / "c").rglob("*"))[-1]
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    copy, _, key = copy_of(clean, tmp_path / "with space's.zarr")
+    flip_byte(sorted((copy / "raw" / "train" / key / "A" / "c").rglob("*"))[-1])
     result = run_cli("verify", "--store", copy, "--repair", "--quiet")
     assert result.exit_code == 1, result.output
     commands = printed_commands(result.output)
@@ -148,10 +152,8 @@ def test_verify_repair_prints_commands_that_repair_exactly(made_with_options, tm
 
 def test_the_command_features_prints_for_unfinished_raw_data_works(made_with_options, tmp_path):
     clean, _ = made_with_options
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(clean, copy)
-    root = zarr.open_group(str(copy), mode="r+")
-    store_mod.mark_incomplete(root, f"raw/test/{root.attrs['modules'][0]['key']}")
+    copy, root, key = copy_of(clean, tmp_path / "copy.zarr")
+    store_mod.mark_incomplete(root, f"raw/test/{key}")
     line = assert_one_line_error(run_cli("features", "--store", copy, "--rep", "dw_norms", "--quiet"))
     (command,) = printed_commands(line)
     assert run_printed(command).exit_code == 0
@@ -286,12 +288,8 @@ def test_a_root_lost_without_a_copy_can_be_replaced(small_store, synth_dir, tmp_
 
 def test_verify_repair_of_a_run_prints_a_train_command_that_works(made_with_options, tmp_path):
     clean, _ = made_with_options
-    copy = tmp_path / "a 'quoted' store.zarr"
-    shutil.copytree(clean, copy)
-    chunk = next(p for p in sorted((copy / "runs").rglob("c/*")) if p.is_file() and "test_pred" in p.as_posix())
-    data = bytearray(chunk.read_bytes())
-    data[0] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    copy, _, _ = copy_of(clean, tmp_path / "a 'quoted' store.zarr")
+    flip_byte(next(p for p in sorted((copy / "runs").rglob("c/*")) if p.is_file() and "test_pred" in p.as_posix()), at=0)
     result = run_cli("verify", "--store", copy, "--repair", "--quiet")
     assert result.exit_code == 1, result.output
     (command,) = printed_commands(result.output)
