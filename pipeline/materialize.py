@@ -482,7 +482,7 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
     writer = _Writer()
     try:
         for split in p.splits:
-            if not store.group_complete(root, f"labels/{split.name}"):
+            if not (store.group_complete(root, f"labels/{split.name}") and store.group_complete(root, store.index_path(root, split.name))):
                 _write_labels(root, p, split)
         for split, mp in todo:
             chunk = min(p.chunk_models, max(len(split.rows), 1))

@@ -297,3 +297,24 @@ def test_verify_repair_of_a_run_prints_a_train_command_that_works(made_with_opti
     assert run_printed(command).exit_code == 0
     assert run_cli("verify", "--store", copy, "--quiet").exit_code == 0
     assert_same_arrays(copy, clean)
+
+
+def test_a_deleted_index_chunk_is_named_by_verify_and_repaired(made_with_options, tmp_path):
+    clean, _ = made_with_options
+    copy, _, _ = copy_of(clean, tmp_path / "copy.zarr")
+    (copy / "index" / "val" / "row" / "c" / "0").unlink()
+    result = run_cli("verify", "--store", copy, "--repair", "--quiet")
+    assert result.exit_code == 1 and "index/val/row/c/0: chunk missing" in result.output, result.output
+    for command in printed_commands(result.output):
+        assert run_printed(command).exit_code == 0, command
+    assert_same_arrays(copy, clean)
+
+
+def test_a_lost_index_group_metadata_is_rewritten_with_its_copy(made_with_options, tmp_path):
+    clean, _ = made_with_options
+    copy, _, _ = copy_of(clean, tmp_path / "copy.zarr")
+    (copy / "index" / "zarr.json").unlink()
+    result = run_cli("verify", "--store", copy, "--repair", "--quiet")
+    assert result.exit_code == 1 and "index:" in result.output, result.output
+    assert store_mod.root_copy(copy) == json.loads((copy / "zarr.json").read_text())["attributes"]
+    assert run_cli("verify", "--store", copy, "--quiet").exit_code == 0
