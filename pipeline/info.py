@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 
 from . import leases, representations, store
+from .commands import quoted
 from .errors import PipelineError
 from .features import rep_state
 
@@ -88,7 +89,7 @@ def summary(path: str) -> dict:
     except (ValueError, TypeError) as exc:  # zarr met a zarr.json that is not JSON or not metadata, listing a group
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:60]
         raise PipelineError(f"store {path} has unreadable metadata ({type(exc).__name__}: {first}); run "
-                            f"`pipeline verify --store {path}` to name it, then `pipeline verify --store {path} --repair`") from None
+                            f"{quoted('verify', path)} to name it, then {quoted('verify', path, '--repair')}") from None
 
 
 def _summary(path: str, root: zarr.Group) -> dict:
