@@ -6,7 +6,7 @@ On the --n adapter synthetic dataset (rank 1, to_q/to_v: 128 layers; written und
 missing, else reused), one run measures
  (a) the original loop: for each of the nine original representations, for each layer of each split
      (train_test_split .3 then .67 on the rest, seed 42, with_format("torch")), rep_fn(split[layer][:])
-     with a per-sample rep_fn: the numpy oracles of tests/test_representations.py (written from the
+     with a per-sample rep_fn: the numpy oracles of tests/reference.py (written from the
      definitions, float64), one sample after another. Timed on --layers layers, extrapolated linearly
      to all 128 (the output says so);
  (b) `pipeline materialize` then `pipeline features` for the nine (Python API) into a fresh store;
@@ -37,11 +37,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT / "tests"))  # for reference.py alone: the loop (a) times is the oracle the tests check
 sys.path.insert(2, str(ROOT / "bench"))
 
 from _data import lora_columns, module_subset, synthetic_source  # noqa: E402
-import test_representations as oracle  # noqa: E402  (the per-sample numpy references)
+import reference as oracle  # noqa: E402  (tests/reference.py: the per-sample numpy references the tests check us with)
 from pipeline import features as features_mod  # noqa: E402
 from pipeline import representations, store as store_mod  # noqa: E402
 from pipeline.features import FeaturesConfig, compute_features, resolve_device  # noqa: E402

@@ -12,7 +12,8 @@ Both start from the same standardised features; (a) is timed from its first run 
 including reading the features and writing the runs. (a) reports the test accuracy of the last epoch
 (what the original reported, by mistake) and of the best-validation weights; (b) reports the latter.
 
-``original_run`` is also the reference tests/test_train.py compares the batched ensemble with.
+``original_run`` is the loop as the original ran it, costs included (sklearn metrics every epoch); the
+tests' oracle, tests/reference.py, is the same loop without them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import store as store_mod  # noqa: E402
-from pipeline.train import Hyper, Setup, TrainConfig, load_data, train  # noqa: E402
+from pipeline.model import Hyper  # noqa: E402
+from pipeline.train import Setup, TrainConfig, load_data, train  # noqa: E402
 
 ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
                  "info_theoretic", "ensemble")
@@ -125,7 +127,7 @@ def ensure_store(n: int, reps: tuple[str, ...], home: Path) -> str:
 def original_seconds_per_run(path: str | Path, reps, device: str = "cpu", seed: int = 42) -> dict[str, float]:
     """Seconds of one original training run (seed ``seed``) per representation, every layer, on a store."""
     config = TrainConfig(store=str(path), device=device, quiet=True)
-    hp, root = Hyper.of(config), store_mod.open_root(str(path))
+    hp, root = config.hyper(), store_mod.open_root(str(path))
     seconds = {}
     for rep in reps:
         data = load_data(root, str(path), Setup((rep,), "all"), config.label)
@@ -153,7 +155,7 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     path = ensure_store(args.n, reps, Path(args.home))
     config = TrainConfig(store=path, runs=args.runs, epochs=args.epochs, device=device, force=True, quiet=True)
-    hp = Hyper.of(config)
+    hp = config.hyper()
     root = store_mod.open_root(path)
     print(f"device {device}, torch threads {torch.get_num_threads()}, n {args.n}, {args.runs} runs, <= {args.epochs} epochs")
     rows = []

@@ -1,16 +1,11 @@
 """Stage 3: train an MLP (or a linear model) on stored features, every run of a configuration at once.
 
 A *configuration* is one cell of the grid: representations (``a`` or ``a+b``) x layer set, plus the
-label and every hyper-parameter. Its runs (seeds ``seed + run``) train together as a batched
-ensemble: each weight has a leading run axis, so one step is a few batched matmuls for all runs,
-yet every run has its own initialisation, shuffling, dropout masks, BatchNorm statistics, learning
-rate schedule and early stopping. Runs that stop are dropped from the ensemble (their best and last
-weights are kept), and the loop ends when all have stopped.
-
-On the CPU every run draws its random numbers from its own generator in exactly the order the
-original loop drew them from torch's global generator (model init; per epoch the DataLoader's two
-seed draws then a randperm; a Bernoulli mask per Dropout), so each run equals the original training
-loop with ``torch.manual_seed(seed + run)`` up to float rounding (tests/test_train.py checks it).
+label and every hyper-parameter. This module reads it top to bottom: the config, the grid, the data
+(stored features -> standardised arrays), the run bookkeeping (config hash, finished runs, whole
+batches), the metrics and runs written, then the orchestration (in process or on dask). The runs
+themselves (seeds ``seed + run``) train together as one batched ensemble in pipeline/model.py, which
+knows nothing of the store.
 
 Only ``labels/``, ``features/`` and the root attrs are read; results go to ``runs/<config-hash>/``.
 """
@@ -26,21 +21,17 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 
 from . import cluster, leases, metrics, representations, store
 from .commands import command, quoted
 from .errors import PipelineError
 from .features import disk_full, rep_state, resolve_device
+from .model import Ensemble, Hyper, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
 LAYER_SETS = {"all": None, "visual": "attn1", "text": "attn2"}  # the original's configurations
-BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # torch.nn.BatchNorm1d defaults
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
-PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau default (relative)
-_EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at once (128 MB)
 MAX_RUNS = 1000  # runs of one configuration train as one ensemble in memory: more is a typo, not a protocol
 MAX_WIDTH, MAX_DEPTH = 1 << 16, 64  # likewise for the MLP's hidden width and depth
 
@@ -91,29 +82,13 @@ class TrainConfig:
             raise PipelineError(f"unknown --model {self.model!r}; use mlp or linear")
         cluster.check_workers(self.workers)
 
-
-@dataclass(frozen=True)
-class Hyper:
-    """What the trainer needs: the model and optimisation settings (``linear`` is depth 0, no dropout)."""
-
-    depth: int = 3
-    hidden: int = 512
-    dropout: float = 0.5
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 300
-    patience: int = 15
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
-
-    @classmethod
-    def of(cls, config: TrainConfig) -> "Hyper":
-        linear = config.model == "linear"
-        return cls(depth=0 if linear else config.depth, hidden=0 if linear else config.hidden,
-                   dropout=0.0 if linear else config.dropout, lr=config.lr, weight_decay=config.weight_decay,
-                   batch_size=config.batch_size, epochs=config.epochs, patience=config.patience,
-                   plateau_patience=config.plateau_patience, plateau_factor=config.plateau_factor)
+    def hyper(self) -> Hyper:
+        """What the trainer needs of this config: ``linear`` is depth 0, no hidden layer, no dropout."""
+        linear = self.model == "linear"
+        return Hyper(depth=0 if linear else self.depth, hidden=0 if linear else self.hidden,
+                     dropout=0.0 if linear else self.dropout, lr=self.lr, weight_decay=self.weight_decay,
+                     batch_size=self.batch_size, epochs=self.epochs, patience=self.patience,
+                     plateau_patience=self.plateau_patience, plateau_factor=self.plateau_factor)
 
 
 # --- the grid ----------------------------------------------------------------------------------------
@@ -341,233 +316,7 @@ def standard_scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-# --- the batched ensemble ------------------------------------------------------------------------------
-
-
-def _init_state(seeds: list[int], n_in: int, n_out: int, hp: Hyper) -> tuple[dict, list[torch.Generator]]:
-    """Per run, nn.Linear's init drawn from that run's generator in nn.Sequential's order; stacked on a run axis.
-
-    Weights are (R, in, out); BatchNorm weight 1, bias 0, running mean 0, running var 1.
-    """
-    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    sizes = [n_in] + [hp.hidden] * hp.depth + [n_out]
-    per_run = []
-    for g in gens:
-        layers = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1 / fan_in ** 0.5  # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear
-            w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=g)
-            b = torch.empty(fan_out).uniform_(-bound, bound, generator=g)
-            layers.append((w.T.contiguous(), b))
-        per_run.append(layers)
-    state = {}
-    for i in range(len(sizes) - 1):
-        state[f"w{i}"] = torch.stack([run[i][0] for run in per_run])
-        state[f"b{i}"] = torch.stack([run[i][1] for run in per_run])
-        if i < hp.depth:
-            state[f"gamma{i}"] = torch.ones(len(seeds), sizes[i + 1])
-            state[f"beta{i}"] = torch.zeros(len(seeds), sizes[i + 1])
-            state[f"mean{i}"] = torch.zeros(len(seeds), sizes[i + 1])
-            state[f"var{i}"] = torch.ones(len(seeds), sizes[i + 1])
-    return state, gens
-
-
-def _is_param(key: str) -> bool:
-    return not key.startswith(("mean", "var"))
-
-
-def forward(state: dict, x: torch.Tensor, depth: int, train: bool = False, dropout: float = 0.0,
-            noise_gens: list | None = None) -> torch.Tensor:
-    """Outputs (R, b, out) of every run. x: (R, b, in), one batch per run, or (n, in) shared by all runs."""
-    h = x
-    for i in range(depth + 1):
-        w, b = state[f"w{i}"], state[f"b{i}"]
-        h = torch.baddbmm(b[:, None], h, w) if h.dim() == 3 else torch.matmul(h, w) + b[:, None]
-        if i == depth:
-            return h
-        runs, rows, width = h.shape
-        # BatchNorm1d per run: runs x channels become the channels of one batch_norm call, so each run
-        # is normalised over its own batch, and its running stats (views of state) update in place.
-        flat = h.transpose(0, 1).reshape(rows, runs * width)
-        flat = F.batch_norm(flat, state[f"mean{i}"].view(-1), state[f"var{i}"].view(-1), state[f"gamma{i}"].reshape(-1),
-                            state[f"beta{i}"].reshape(-1), training=train, momentum=BN_MOMENTUM, eps=BN_EPS)
-        h = torch.relu(flat.view(rows, runs, width).transpose(0, 1))
-        if train and dropout > 0:
-            # F.dropout on the CPU is input * bernoulli_(1 - p) / (1 - p): the same draws, from each run's generator
-            noise = torch.stack([torch.empty(rows, width, device=h.device).bernoulli_(1 - dropout, generator=g)
-                                 for g in noise_gens])
-            h = h * noise.div_(1 - dropout)
-    return h
-
-
-def evaluate(state: dict, x: torch.Tensor, depth: int) -> torch.Tensor:
-    """Eval-mode outputs (R, n, out) for a shared input (n, in), in row chunks that bound the memory:
-    at most _EVAL_ELEMENTS activations of the widest layer at once, whatever n is."""
-    runs = state["w0"].shape[0]
-    widest = max(state[f"w{i}"].shape[-1] for i in range(depth + 1))
-    rows = max(1, _EVAL_ELEMENTS // (runs * widest))
-    with torch.no_grad():
-        return torch.cat([forward(state, x[i:i + rows], depth) for i in range(0, len(x), rows)], dim=1)
-
-
-def _epoch_order(gen: torch.Generator, n: int) -> torch.Tensor:
-    """The permutation a shuffled DataLoader would use, drawing from ``gen`` as it draws from the global one."""
-    torch.empty((), dtype=torch.int64).random_(generator=gen)  # _BaseDataLoaderIter's base seed
-    seed = int(torch.empty((), dtype=torch.int64).random_(generator=gen).item())  # RandomSampler's seed
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss per run (R,): out (R, b, K or 1), y (R, b)."""
-    runs, rows = y.shape
-    if task == "classification":
-        return F.cross_entropy(out.reshape(runs * rows, -1), y.reshape(-1), reduction="none").view(runs, rows).mean(1)
-    return ((out[..., 0] - y) ** 2).mean(1)
-
-
-def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Accuracy or R^2 per run (R,) of outputs (R, n, K or 1) against y (n,)."""
-    if task == "classification":
-        return (out.argmax(-1) == y[None]).to(torch.float64).mean(1)
-    return metrics.r2(y, out[..., 0])
-
-
-@dataclass
-class Ensemble:
-    """The outcome of training R runs together: per run curves, best epoch, best and last weights."""
-
-    curves: dict[str, list[np.ndarray]]  # name -> per run (epochs_trained,) arrays
-    best_epoch: np.ndarray  # (R,) 1-based
-    best: dict  # state with the best-validation weights of every run (copied when they were best)
-    last: dict  # state at each run's last epoch
-    depth: int
-    seconds: float = 0.0
-    device: str = "cpu"
-
-
-def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                   seeds: list[int], hp: Hyper, task: str, n_out: int) -> Ensemble:
-    """Train one run per seed, together, on the device of x_train. x: (n, d) float32; y: (n,) codes or floats."""
-    started = time.perf_counter()
-    device = x_train.device
-    runs, n = len(seeds), len(x_train)
-    init, gens = _init_state(seeds, x_train.shape[1], n_out, hp)
-    state = {k: v.to(device) for k, v in init.items()}
-    noise_gens = gens if device.type == "cpu" else [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    best = {k: v.clone() for k, v in state.items()}
-    last = {k: v.clone() for k, v in state.items()}
-    adam_m = {k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)}
-    adam_v = {k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)}
-    active = np.arange(runs)  # original run ids of the runs still training, in ensemble order
-    lr = np.full(runs, hp.lr)
-    best_score, plateau_best = np.full(runs, -np.inf), np.full(runs, -np.inf)
-    bad_epochs, plateau_bad = np.zeros(runs, int), np.zeros(runs, int)
-    best_epoch = np.zeros(runs, int)
-    curves = {k: [[] for _ in range(runs)] for k in ("train_loss", "train_score", "val_loss", "val_score", "lr")}
-    step = 0
-    for epoch in range(1, hp.epochs + 1):
-        order = torch.stack([_epoch_order(gens[r], n) for r in active]).to(device)  # (A, n)
-        loss_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
-        score_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
-        seen = 0
-        for start in range(0, n, hp.batch_size):
-            idx = order[:, start:start + hp.batch_size]
-            if idx.shape[1] < 2:  # a one-row batch: BatchNorm cannot train on it (the original would crash)
-                continue
-            xb, yb = x_train[idx], y_train[idx]
-            params = {k: v.requires_grad_() for k, v in state.items() if _is_param(k)}
-            out = forward(state, xb, hp.depth, train=True, dropout=hp.dropout, noise_gens=[noise_gens[r] for r in active])
-            loss = _loss(out, yb, task)
-            grads = torch.autograd.grad(loss.sum(), list(params.values()))
-            step += 1
-            with torch.no_grad():
-                _adam_step(state, params, grads, adam_m, adam_v, lr[active],
-                           step, hp.weight_decay)
-                rows = idx.shape[1]
-                seen += rows
-                loss_sum += loss.detach().to(torch.float64) * rows
-                if task == "classification":
-                    score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
-        with torch.no_grad():
-            val_out = evaluate(state, x_val, hp.depth)
-            val_loss = _loss(val_out, y_val[None].expand(len(active), -1), task)
-            val_score = _score(val_out, y_val, task)
-        host = torch.stack([loss_sum / max(seen, 1), score_sum / max(seen, 1), val_loss.to(torch.float64),
-                            val_score.to(torch.float64)]).cpu().numpy()  # one device sync per epoch
-        for pos, r in enumerate(active):
-            for name, value in zip(("train_loss", "train_score", "val_loss", "val_score", "lr"), (*host[:, pos], lr[r])):
-                curves[name][r].append(value)
-        if task == "regression":  # R^2 of the training batches is not meaningful: report it on the whole train set
-            with torch.no_grad():
-                train_r2 = _score(evaluate(state, x_train, hp.depth), y_train, task).cpu().numpy()
-            for pos, r in enumerate(active):
-                curves["train_score"][r][-1] = train_r2[pos]
-        scores = host[3]
-        # ReduceLROnPlateau(mode="max", threshold=1e-4 relative), stepped on the validation score
-        better = scores > plateau_best[active] * (1 + PLATEAU_THRESHOLD)
-        plateau_best[active] = np.where(better, scores, plateau_best[active])
-        plateau_bad[active] = np.where(better, 0, plateau_bad[active] + 1)
-        reduce = active[plateau_bad[active] > hp.plateau_patience]
-        smaller = lr[reduce] * hp.plateau_factor
-        lr[reduce] = np.where(lr[reduce] - smaller > 1e-8, smaller, lr[reduce])  # the scheduler's eps
-        plateau_bad[reduce] = 0
-        # early stopping on a strictly better validation score; the best weights are COPIED
-        improved = scores > best_score[active]
-        if improved.any():
-            pos = torch.as_tensor(np.flatnonzero(improved), device=device)
-            ids = torch.as_tensor(active[improved], device=device)
-            for k, v in state.items():
-                best[k][ids] = v.detach()[pos]
-        best_epoch[active[improved]] = epoch
-        best_score[active] = np.where(improved, scores, best_score[active])
-        bad_epochs[active] = np.where(improved, 0, bad_epochs[active] + 1)
-        stop = (bad_epochs[active] >= hp.patience) | (epoch == hp.epochs)
-        if stop.any():
-            pos = torch.as_tensor(np.flatnonzero(stop), device=device)
-            ids = torch.as_tensor(active[stop], device=device)
-            keep = torch.as_tensor(np.flatnonzero(~stop), device=device)
-            for k, v in state.items():
-                last[k][ids] = v.detach()[pos]
-            for d in (state, adam_m, adam_v):  # drop the stopped runs from the ensemble
-                for k in d:
-                    d[k] = d[k].detach()[keep].contiguous()
-            active = active[~stop]
-        if len(active) == 0:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Ensemble({k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in curves.items()}, best_epoch, best, last,
-                    hp.depth, time.perf_counter() - started, str(device))
-
-
-def _adam_step(state, params, grads, exp_avg, exp_avg_sq, lr, step, weight_decay) -> None:
-    """torch.optim.Adam (L2 weight decay added to the gradient), with one learning rate per run: lr (A,) numpy.
-
-    torch's fused Adam kernel (the one behind ``Adam(fused=True)``, on the CPU and CUDA): one pass over
-    each parameter, its gradient and moments, where the unfused update makes about ten. With R runs
-    batched, the parameters are R times larger than one model's and no longer sit in the CPU's cache,
-    so the passes are what a step costs. Runs that share a learning rate are updated in one call
-    (usually all of them); each run's slice of a parameter is a contiguous view.
-    """
-    beta1, beta2 = ADAM_BETAS
-    keys = list(params)
-    detached = [params[k].detach() for k in keys]
-    grads = [g.contiguous() for g in grads]
-    for value in np.unique(lr):
-        runs = np.flatnonzero(lr == value)
-        if len(runs) == len(lr):
-            groups = (detached, grads, [exp_avg[k] for k in keys], [exp_avg_sq[k] for k in keys])
-        else:
-            groups = tuple([t[r] for t in tensors for r in runs]
-                           for tensors in (detached, grads, [exp_avg[k] for k in keys], [exp_avg_sq[k] for k in keys]))
-        steps = [torch.tensor(float(step), device=detached[0].device) for _ in groups[0]]
-        torch._fused_adam_(*groups, [], steps, amsgrad=False, lr=float(value), beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, eps=ADAM_EPS, maximize=False)
-    for key, param in zip(keys, detached):
-        state[key] = param
-
-
-# --- one configuration: train, measure, write ----------------------------------------------------------
+# --- run bookkeeping: what a configuration is, which of its runs are done -------------------------------
 
 
 def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data) -> dict:
@@ -583,7 +332,7 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
         "task": data.task,
         "model": config.model,
         "seed": config.seed,
-        **asdict(Hyper.of(config)),
+        **asdict(config.hyper()),
     }
 
 
@@ -632,6 +381,9 @@ def finished_runs(root: zarr.Group, digest: str) -> set[int]:
     if group is None:
         return set()
     return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
+
+
+# --- metrics and the runs written -----------------------------------------------------------------------
 
 
 def _final_metrics(ens: Ensemble, data: Data, tensors: dict, n_out: int) -> tuple[dict, dict, torch.Tensor]:
@@ -704,6 +456,20 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                             seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs),
                             batch=[int(r) for r in runs])
 
+def check_finite(ens: Ensemble, final: dict, last: dict, setup: Setup, label: str) -> None:
+    """Refuse (before any run is written) an ensemble whose curves or metrics have NaN/Inf, or a run whose
+    validation score was never finite (best epoch 0: its "best" weights are the initial ones)."""
+    values = [np.concatenate(curve) for curve in ens.curves.values()]
+    values += [v.detach().cpu().numpy().ravel() for m in (*final.values(), *last.values()) for k, v in m.items() if k != "confusion"]
+    bad = [name for name, ok in (("curves or metrics", all(np.isfinite(v).all() for v in values)),
+                                 ("no finite validation score", bool((ens.best_epoch >= 1).all()))) if not ok]
+    if bad:
+        raise PipelineError(f"training {setup.name} on {label!r} produced NaN or Inf ({bad[0]}); no run was marked complete: "
+                            "lower --lr, or check the label's values and the features")
+
+
+# --- orchestration: one configuration, the grid, on dask ------------------------------------------------
+
 
 @dataclass
 class ConfigResult:
@@ -730,19 +496,6 @@ class TrainSummary:
     def skipped(self) -> int:
         return sum(len(r.skipped) for r in self.results)
 
-
-def check_finite(ens: Ensemble, final: dict, last: dict, setup: Setup, label: str) -> None:
-    """Refuse (before any run is written) an ensemble whose curves or metrics have NaN/Inf, or a run whose
-    validation score was never finite (best epoch 0: its "best" weights are the initial ones)."""
-    values = [np.concatenate(curve) for curve in ens.curves.values()]
-    values += [v.detach().cpu().numpy().ravel() for m in (*final.values(), *last.values()) for k, v in m.items() if k != "confusion"]
-    bad = [name for name, ok in (("curves or metrics", all(np.isfinite(v).all() for v in values)),
-                                 ("no finite validation score", bool((ens.best_epoch >= 1).all()))) if not ok]
-    if bad:
-        raise PipelineError(f"training {setup.name} on {label!r} produced NaN or Inf ({bad[0]}); no run was marked complete: "
-                            "lower --lr, or check the label's values and the features")
-
-
 def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data, conf: dict, digest: str, todo: list[int],
                 device: str) -> float:
     """Train runs ``todo`` of one configuration as one ensemble and write them; returns training seconds."""
@@ -755,7 +508,7 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     else:
         y_fit = y
     seeds = [config.seed + r for r in todo]
-    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, Hyper.of(config), data.task, n_out)
+    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, config.hyper(), data.task, n_out)
     with torch.no_grad():
         final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
     check_finite(ens, final, last, setup, config.label)

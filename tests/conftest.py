@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import zarr  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from cli import main  # noqa: E402
+from pipeline.features import FeaturesConfig, compute_features  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
 from pipeline.synthetic import write_synthetic  # noqa: E402
+from pipeline.train import TrainConfig, train  # noqa: E402
 
 datasets.disable_progress_bars()
 
@@ -29,6 +32,11 @@ datasets.disable_progress_bars()
 # enough to exercise every path, small enough to keep each test well under a second or two.
 SMALL_LAYERS = r"down_blocks\.0\.attentions\.0\."
 SMALL_N = 40
+SMALL_TRAIN = dict(reps="dw_norms", runs=2, hidden=16, epochs=3, patience=2, quiet=True)  # the trained_small configuration
+
+# Enough adapters for an MLP to learn the synthetic data's planted class signal; two cheap representations.
+SIGNAL_N = 400  # 280 train / 39 val / 81 test rows
+CHEAP_REPS = "simple_stats,dw_norms"
 
 
 # --- running things ---------------------------------------------------------------------------------
@@ -179,4 +187,29 @@ def small_store(synth_dir, tmp_path_factory) -> Path:
     """The store of the four SMALL_LAYERS modules of ``synth_dir``: the clean-run reference."""
     store = tmp_path_factory.mktemp("stores") / "small40.zarr"
     materialize_to(store, synth_dir, layers=SMALL_LAYERS)
+    return store
+
+
+@pytest.fixture(scope="session")
+def trained_small(synth_dir, tmp_path_factory) -> Path:
+    """The SMALL_LAYERS modules of ``synth_dir`` in several chunks, dw_norms computed, one configuration
+    (SMALL_TRAIN) trained: a whole small store; treat as read-only (copy it to damage it)."""
+    store = tmp_path_factory.mktemp("stores") / "trained-small.zarr"
+    materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
+    compute_features(FeaturesConfig(store=str(store), reps="dw_norms", quiet=True))
+    train(TrainConfig(store=str(store), **SMALL_TRAIN))
+    return store
+
+
+@pytest.fixture(scope="session")
+def signal_store(tmp_path_factory) -> Path:
+    """A SIGNAL_N-adapter synthetic store with CHEAP_REPS computed, then stripped of raw/ (training must not
+    need it). Tests may train into it (each configuration its own runs); copy it to change anything else."""
+    home = tmp_path_factory.mktemp("train")
+    source = write_synthetic(home / "synth", n=SIGNAL_N, rank=1, projections=("q", "v"), seed=0)
+    full = home / "full.zarr"
+    materialize_to(full, source)
+    compute_features(FeaturesConfig(store=str(full), reps=CHEAP_REPS, quiet=True))
+    store = home / "features-only.zarr"
+    shutil.copytree(full, store, ignore=lambda folder, names: ["raw"] if Path(folder) == full else [])
     return store

@@ -20,21 +20,12 @@ from pipeline.views import open_features
 TRAIN = ["--runs", "2", "--hidden", "16", "--epochs", "3", "--patience", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def shared_source(synth_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("readonly") / "shared.zarr"
-    materialize_to(path, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
-    compute_features(FeaturesConfig(store=str(path), reps="dw_norms", quiet=True))
-    assert run_cli("train", "--store", path, "--rep", "dw_norms", *TRAIN).exit_code == 0
-    return path
-
-
 @pytest.fixture
-def shared(shared_source, tmp_path, monkeypatch):
+def shared(trained_small, tmp_path, monkeypatch):
     """A copy of the shared store that this process may only read: its files and folders lose write permission.
     Root ignores permissions, so for root the write probe, the one thing that asks, is told what the OS would say."""
     path = tmp_path / "shared.zarr"
-    shutil.copytree(shared_source, path)
+    shutil.copytree(trained_small, path)
     for p in [path, *path.rglob("*")]:
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     if os.geteuid() == 0:
@@ -71,14 +62,14 @@ def test_writers_say_it_is_read_only_in_one_line(shared, command):
     assert file_snapshot(shared) == before
 
 
-def test_output_store_builds_on_the_shared_one(shared, shared_source, tmp_path):
+def test_output_store_builds_on_the_shared_one(shared, trained_small, tmp_path):
     before = file_snapshot(shared)
     mine = tmp_path / "mine.zarr"
     result = run_cli("features", "--store", shared, "--output", mine, "--rep", "simple_stats", "--quiet")
     assert result.exit_code == 0, result.output
     # the same numbers as computing them in a writable copy of the shared store
     writable = tmp_path / "writable.zarr"
-    shutil.copytree(shared_source, writable)
+    shutil.copytree(trained_small, writable)
     compute_features(FeaturesConfig(store=str(writable), reps="simple_stats", quiet=True))
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(zarr.open_group(str(mine))[f"features/{split}/simple_stats"][:],

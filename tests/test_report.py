@@ -14,15 +14,13 @@ from conftest import assert_one_line_error, run_cli
 from pipeline import metrics
 from pipeline.report import default_out, write_report
 from pipeline.train import TrainConfig, train
-from test_train import signal_store_path
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(signal_store, tmp_path_factory):
     """A copy of the signal store with a small grid trained: 2 reps x 2 layer sets, 3 runs each."""
-    src = signal_store_path(tmp_path_factory)
     path = tmp_path_factory.mktemp("report") / "trained.zarr"
-    shutil.copytree(src, path, ignore=lambda folder, names: ["runs"] if folder == str(src) else [])
+    shutil.copytree(signal_store, path, ignore=lambda folder, names: ["runs"] if folder == str(signal_store) else [])
     train(TrainConfig(store=str(path), reps="simple_stats,dw_norms", layers="all,visual", runs=3, hidden=16, epochs=6,
                       patience=3, quiet=True))
     return path

@@ -13,6 +13,7 @@ import torch
 from pipeline import representations as reps
 from pipeline.errors import PipelineError
 from pipeline.representations import REGISTRY, describe_all, from_spec, get, register, resolve
+from reference import REFERENCES, ref_dw_stats
 
 TENSOR = [name for name, rep in REGISTRY.items() if rep.kind == "tensor"]
 MODULE = [name for name, rep in REGISTRY.items() if rep.kind == "module"]
@@ -140,131 +141,6 @@ def test_module_gl_invariance(name, r):
     assert not torch.allclose(A2, A)
     atol = 1e-4 * base.abs().amax(0, keepdim=True) + 1e-12
     assert ((moved - base).abs() <= atol + 1e-3 * base.abs()).all(), (moved - base).abs().max()
-
-
-# --- references: plain per-sample numpy loops, float64, from the definitions ------------------------
-
-
-def _std(a):
-    return a.std(ddof=1) if a.size > 1 else 0.0
-
-
-def _skew_kurt(a):
-    z = (a - a.mean()) / (_std(a) + 1e-8)
-    return [(z ** 3).mean(), (z ** 4).mean()]
-
-
-def _pad(v, k):
-    v = np.asarray(v, dtype=np.float64)[:k]
-    return np.concatenate([v, np.zeros(k - v.size)])
-
-
-def _entropy(p):
-    return -(p * np.log(p + 1e-8)).sum()
-
-
-def ref_simple_stats(m):
-    a = m.astype(np.float64).ravel()
-    return [np.sqrt((a * a).sum()), a.mean(), _std(a), a.max(), a.min()]
-
-
-def ref_rank_based(m):
-    q = np.quantile(m.astype(np.float64).ravel(), [0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99])
-    return [*q, q[5] - q[3], q[8] - q[0]]
-
-
-def ref_stats(m):
-    a = m.astype(np.float64).ravel()
-    median = np.sort(a)[(a.size - 1) // 2]  # lower middle
-    return [a.mean(), _std(a), median, a.min(), a.max(), *_skew_kurt(a)]
-
-
-def ref_spectral(m):
-    s = _pad(np.linalg.svd(m.astype(np.float64), compute_uv=False), 10)
-    p = s / (s.sum() + 1e-8)
-    gaps = [(s[i] - s[i + 1]) / (s[i] + 1e-8) for i in range(9)]
-    return [*s, *p, *gaps, _entropy(p), s[0] / (s[9] + 1e-8), s.sum()]
-
-
-def ref_matrix_norms(m):
-    m = m.astype(np.float64)
-    s = np.linalg.svd(m, compute_uv=False)
-    fro = np.linalg.norm(m, "fro")
-    cols, rows = np.abs(m).sum(0).max(), np.abs(m).sum(1).max()
-    return [fro, s.sum(), s[0], cols, rows, s.sum() / (fro + 1e-8), s[0] / (fro + 1e-8)]
-
-
-def ref_distribution(m):
-    a = m.astype(np.float64).ravel()
-    q = np.quantile(a, [0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95])
-    mad = np.abs(a - a.mean()).mean()
-    return [*q, q[4] - q[2], mad, _std(a) / (abs(a.mean()) + 1e-8), *_skew_kurt(a)]
-
-
-def ref_frequency(m):
-    mag = np.abs(np.fft.fft2(m.astype(np.float64))).ravel()
-    top = _pad(np.sort(mag)[::-1], 10)
-    return [*top, mag.mean(), mag.std(), mag.max(), (top ** 2).sum() / ((mag ** 2).sum() + 1e-8)]
-
-
-def ref_info_theoretic(m):
-    hist, _ = np.histogram(m.ravel(), bins=50)  # float32 input: numpy builds float32 edges, as we do
-    p = hist / hist.sum()
-    return [_entropy(p), _entropy(p) / np.log(50)]
-
-
-def ref_ensemble(m):
-    return [*ref_spectral(m), *ref_matrix_norms(m), *ref_distribution(m), *ref_frequency(m), *ref_info_theoretic(m)]
-
-
-def _dense(A, B, s):
-    return float(s) * (B.astype(np.float64) @ A.astype(np.float64))
-
-
-def ref_dw_spectrum(A, B, s, params):
-    return _pad(np.linalg.svd(_dense(A, B, s), compute_uv=False), params.k)
-
-
-def ref_dw_norms(A, B, s, params):
-    dw = _dense(A, B, s)
-    sv = np.linalg.svd(dw, compute_uv=False)
-    fro = np.linalg.norm(dw, "fro")
-    p = sv / sv.sum()
-    p = p[p > 0]
-    return [fro, sv[0], sv.sum(), fro ** 2 / sv[0] ** 2, -(p * np.log(p)).sum()]
-
-
-def ref_dw_stats(A, B, s, params):
-    a = _dense(A, B, s).ravel()
-    return [a.mean(), _std(a), *_skew_kurt(a)]
-
-
-def ref_dw_quantiles(A, B, s, params):
-    return np.quantile(_dense(A, B, s).ravel(), [0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99])
-
-
-def ref_dw_probe(A, B, s, params):
-    gen = torch.Generator().manual_seed(params.seed)
-    x = torch.randn(params.count, A.shape[1], generator=gen).double().numpy()
-    return np.linalg.norm(_dense(A, B, s) @ x.T, axis=0)
-
-
-def ref_dw_canonical(A, B, s, params):
-    dw = _dense(A, B, s)
-    u, sv, vt = np.linalg.svd(dw, full_matrices=False)
-    tol = sv[0] * max(dw.shape) * np.finfo(np.float32).eps
-    out = []
-    for j in range(params.k):
-        if j >= sv.size or sv[j] <= tol:
-            out += [0.0] * 10
-            continue
-        sign = np.sign(u[np.argmax(np.abs(u[:, j])), j])
-        for c in (u[:, j] * sign * np.sqrt(sv[j]), vt[j] * sign * np.sqrt(sv[j])):
-            out += [c.mean(), _std(c), c.min(), c.max(), np.abs(c).sum() / (np.sqrt(c.size) * np.linalg.norm(c))]
-    return out
-
-
-REFERENCES = {name[4:]: fn for name, fn in list(globals().items()) if name.startswith("ref_")}
 
 
 def test_every_representation_has_a_reference():

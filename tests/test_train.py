@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,50 +12,14 @@ import torch
 import xarray as xr
 import zarr
 
-from conftest import assert_one_line_error, materialize_to, run_cli
-from pipeline import metrics, train as train_mod
+from conftest import assert_one_line_error, run_cli
+from pipeline import metrics, model, train as train_mod
 from pipeline.errors import PipelineError
-from pipeline.features import FeaturesConfig, compute_features
-from pipeline.synthetic import write_synthetic
-from pipeline.train import Hyper, Setup, TrainConfig, load_data, standard_scaler, train, train_ensemble
+from pipeline.model import Hyper, train_ensemble
+from pipeline.train import Setup, TrainConfig, load_data, standard_scaler, train
+from reference import original_run
 
-ROOT = Path(__file__).resolve().parents[1]
-SIGNAL_N = 400  # 280 train / 39 val / 81 test rows
-CHEAP_REPS = "simple_stats,dw_norms"
 FAST = dict(hidden=32, epochs=12, patience=5, runs=2, quiet=True)  # small but real training
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_STORES: dict[str, Path] = {}
-
-
-def signal_store_path(tmp_path_factory) -> Path:
-    """A SIGNAL_N-adapter synthetic store with CHEAP_REPS computed, then stripped of raw/: built once per session."""
-    if "signal" not in _STORES:
-        home = tmp_path_factory.mktemp("train")
-        source = write_synthetic(home / "synth", n=SIGNAL_N, rank=1, projections=("q", "v"), seed=0)
-        full = home / "full.zarr"
-        materialize_to(full, source)
-        compute_features(FeaturesConfig(store=str(full), reps=CHEAP_REPS, quiet=True))
-        _STORES["signal"] = copy_store(full, home / "features-only.zarr")
-    return _STORES["signal"]
-
-
-def copy_store(src: Path, dst: Path) -> Path:
-    """A copy of the store without raw/: training must not need it."""
-    shutil.copytree(src, dst, ignore=lambda folder, names: ["raw"] if Path(folder) == Path(src) else [])
-    return dst
-
-
-@pytest.fixture(scope="session")
-def signal_store(tmp_path_factory) -> Path:
-    return signal_store_path(tmp_path_factory)
 
 
 @pytest.fixture
@@ -128,7 +91,6 @@ def test_batched_ensemble_equals_the_original_loop():
     Tolerance: train losses within 1e-5 (float rounding of batched vs single matmuls); validation
     accuracies, learning rates, best epochs and stopping epochs exactly equal.
     """
-    bench = _bench()
     x, y = toy()
     xv, yv = toy(40, seed=1)
     hp = Hyper(hidden=32, epochs=25, patience=6, plateau_patience=1, batch_size=32)  # plateau_patience 1: LRs differ per run
@@ -136,7 +98,7 @@ def test_batched_ensemble_equals_the_original_loop():
     ens = train_ensemble(x, y, xv, yv, seeds, hp, "classification", 4)
     lrs = set()
     for r, seed in enumerate(seeds):
-        ref = bench.original_run(x, y, xv, yv, xv, yv, seed, hp, 4)
+        ref = original_run(x, y, xv, yv, xv, yv, seed, hp, 4)
         assert ens.best_epoch[r] == ref["best_epoch"]
         assert len(ens.curves["lr"][r]) == len(ref["curves"]["lr"])
         np.testing.assert_allclose(ens.curves["train_loss"][r], ref["curves"]["train_loss"], atol=1e-5)
@@ -144,7 +106,7 @@ def test_batched_ensemble_equals_the_original_loop():
         np.testing.assert_array_equal(ens.curves["lr"][r], ref["curves"]["lr"])
         lrs.update(ens.curves["lr"][r])
         with torch.no_grad():
-            acc = metrics.classification(yv, train_mod.evaluate(ens.best, xv, 3).argmax(-1), 4)["accuracy"][r]
+            acc = metrics.classification(yv, model.evaluate(ens.best, xv, 3).argmax(-1), 4)["accuracy"][r]
         assert acc.item() == pytest.approx(ref["test_best"])
     assert len(lrs) > 1  # the plateau schedule did act
 
@@ -168,8 +130,8 @@ def test_batched_equals_one_run_at_a_time():
         np.testing.assert_allclose(together.curves["val_score"][r], alone.curves["val_score"][0], atol=1 / 30 + 1e-9)
         np.testing.assert_array_equal(together.curves["lr"][r], alone.curves["lr"][0])
         with torch.no_grad():
-            a = train_mod.evaluate(together.best, xv, 2)[r]
-            b = train_mod.evaluate(alone.best, xv, 2)[0]
+            a = model.evaluate(together.best, xv, 2)[r]
+            b = model.evaluate(alone.best, xv, 2)[0]
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
         assert (a.argmax(-1) == b.argmax(-1)).sum() >= 29
 
@@ -181,7 +143,7 @@ def test_best_weights_are_copied_not_referenced():
     best_epoch = ens.best_epoch[0]
     assert best_epoch < 30  # else the test proves nothing
     with torch.no_grad():
-        best_acc = (train_mod.evaluate(ens.best, xv, 3).argmax(-1) == yv).double().mean().item()
+        best_acc = (model.evaluate(ens.best, xv, 3).argmax(-1) == yv).double().mean().item()
     assert best_acc == ens.curves["val_score"][0][best_epoch - 1]
     assert not torch.equal(ens.best["w0"], ens.last["w0"])
 
@@ -381,11 +343,11 @@ def test_evaluation_memory_is_bounded_by_the_widest_layer_not_by_n(monkeypatch):
     hidden one, not the output): the final metrics of a 50k-adapter store once took 2.8 GiB this way."""
     x, y = toy(n=150, d=20, classes=4)
     ens = train_ensemble(x[:100], y[:100], x[100:], y[100:], [0, 1, 2], Hyper(hidden=32, epochs=2), "classification", 4)
-    whole = train_mod.evaluate(ens.best, x, 3)
-    monkeypatch.setattr(train_mod, "_EVAL_ELEMENTS", 3 * 32 * 7)  # 7 rows of 3 runs x 32 hidden units at a time
+    whole = model.evaluate(ens.best, x, 3)
+    monkeypatch.setattr(model, "_EVAL_ELEMENTS", 3 * 32 * 7)  # 7 rows of 3 runs x 32 hidden units at a time
     calls = []
-    real = train_mod.forward
-    monkeypatch.setattr(train_mod, "forward", lambda state, xb, depth, **k: calls.append(len(xb)) or real(state, xb, depth, **k))
-    chunked = train_mod.evaluate(ens.best, x, 3)
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda state, xb, depth, **k: calls.append(len(xb)) or real(state, xb, depth, **k))
+    chunked = model.evaluate(ens.best, x, 3)
     assert max(calls) == 7 and sum(calls) == 150
     torch.testing.assert_close(chunked, whole)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SMALL_LAYERS, assert_one_line_error, assert_same_arrays, file_snapshot, materialize_to, run_cli
+from conftest import SMALL_LAYERS, SMALL_TRAIN, assert_one_line_error, assert_same_arrays, file_snapshot, materialize_to, run_cli
 from pipeline import leases
 from pipeline import store as store_mod
 from pipeline.errors import PipelineError
@@ -23,8 +23,7 @@ from pipeline.features import FeaturesConfig, compute_features
 from pipeline.train import TrainConfig, train
 from pipeline.verify import verify
 
-TRAIN = dict(reps="dw_norms", runs=2, hidden=16, epochs=3, patience=2, quiet=True)
-TRAIN_CLI = ["--rep", "dw_norms", "--runs", "2", "--hidden", "16", "--epochs", "3", "--patience", "2", "--quiet"]
+TRAIN_CLI = ["--rep", "dw_norms", "--runs", "2", "--hidden", "16", "--epochs", "3", "--patience", "2", "--quiet"]  # SMALL_TRAIN, as options
 
 
 # --- builders of damage -----------------------------------------------------------------------------
@@ -98,36 +97,26 @@ def repair(store: Path) -> list[str]:
 # --- fixtures -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clean_store(synth_dir, tmp_path_factory):
-    """Four modules of 40 adapters in several chunks, one representation, one trained configuration."""
-    path = tmp_path_factory.mktemp("badstore") / "clean.zarr"
-    materialize_to(path, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
-    compute_features(FeaturesConfig(store=str(path), reps="dw_norms", quiet=True))
-    train(TrainConfig(store=str(path), **TRAIN))
-    return path
-
-
 @pytest.fixture
-def store(clean_store, tmp_path):
+def store(trained_small, tmp_path):
     copy = tmp_path / "store.zarr"
-    shutil.copytree(clean_store, copy)
+    shutil.copytree(trained_small, copy)
     return copy
 
 
-def test_the_clean_store_has_manifests_and_passes(clean_store):
-    root = zarr.open_group(str(clean_store), mode="r")
-    raw = root[f"raw/train/{module_key(clean_store)}"]
+def test_the_clean_store_has_manifests_and_passes(trained_small):
+    root = zarr.open_group(str(trained_small), mode="r")
+    raw = root[f"raw/train/{module_key(trained_small)}"]
     assert sorted(raw.attrs["chunks"]) == ["A", "B"]  # in the group's mark, written in one go with it
     assert raw.attrs["chunks"]["A"]["count"] == raw["A"].cdata_shape[0] > 1
     assert root["features/train/dw_norms"].attrs["chunks"]["count"] > 1
-    assert verify(str(clean_store)).problems == []
+    assert verify(str(trained_small)).problems == []
 
 
 # --- 1. a deleted chunk -------------------------------------------------------------------------------
 
 
-def test_a_deleted_raw_chunk_is_named_refused_by_features_and_repaired(store, clean_store, synth_dir):
+def test_a_deleted_raw_chunk_is_named_refused_by_features_and_repaired(store, trained_small, synth_dir):
     key = f"raw/train/{module_key(store)}/A/c/1/0/0"
     delete(store, key)
     assert problems(store)[key].what.startswith("chunk missing")
@@ -138,10 +127,10 @@ def test_a_deleted_raw_chunk_is_named_refused_by_features_and_repaired(store, cl
     assert repair(store) == [f"pipeline materialize --store {store}"]  # the store's own source and options
     assert materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02).modules_written == 1
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
-def test_a_deleted_feature_chunk_is_refused_by_train_and_recomputed_alone(store, clean_store):
+def test_a_deleted_feature_chunk_is_refused_by_train_and_recomputed_alone(store, trained_small):
     key = "features/train/dw_norms/c/1/0/0"
     delete(store, key)
     assert problems(store)[key].what.startswith("chunk missing")
@@ -151,7 +140,7 @@ def test_a_deleted_feature_chunk_is_refused_by_train_and_recomputed_alone(store,
     assert repair(store) == [f"pipeline features --store {store} --rep dw_norms --split train"]
     assert compute_features(FeaturesConfig(store=str(store), reps="dw_norms", quiet=True)).tasks == 1
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 def test_a_deleted_label_chunk_is_refused_by_train(store):
@@ -163,7 +152,7 @@ def test_a_deleted_label_chunk_is_refused_by_train(store):
     assert file_snapshot(store) == before
 
 
-def test_a_deleted_run_chunk_is_refused_by_report_and_retrained(store, clean_store, tmp_path):
+def test_a_deleted_run_chunk_is_refused_by_report_and_retrained(store, trained_small, tmp_path):
     key = f"runs/{digest(store)}/run-001/epoch/c/0"
     delete(store, key)
     assert problems(store)[key].what.startswith("chunk missing")
@@ -172,9 +161,9 @@ def test_a_deleted_run_chunk_is_refused_by_report_and_retrained(store, clean_sto
     assert file_snapshot(store) == before
     commands = repair(store)
     assert len(commands) == 1 and commands[0].startswith(f"pipeline train --store {store} --rep dw_norms")
-    assert train(TrainConfig(store=str(store), **TRAIN)).trained == 2
+    assert train(TrainConfig(store=str(store), **SMALL_TRAIN)).trained == 2
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 def test_views_refuse_a_deleted_feature_chunk(store):
@@ -204,7 +193,7 @@ def test_every_chunk_is_written_even_all_zero(tmp_path):
 # --- 2. swapped chunks ----------------------------------------------------------------------------------
 
 
-def test_swapped_raw_chunks_are_named_and_repaired(store, clean_store, synth_dir):
+def test_swapped_raw_chunks_are_named_and_repaired(store, trained_small, synth_dir):
     a, b = (f"raw/test/{module_key(store)}/A/c/{i}/0/0" for i in (0, 1))
     swap(store, a, b)
     found = problems(store)
@@ -213,33 +202,33 @@ def test_swapped_raw_chunks_are_named_and_repaired(store, clean_store, synth_dir
     repair(store)
     assert materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02).modules_written == 1
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
-def test_swapped_feature_chunks_are_recomputed(store, clean_store):
+def test_swapped_feature_chunks_are_recomputed(store, trained_small):
     a, b = (f"features/train/dw_norms/c/{i}/0/0" for i in (0, 1))
     swap(store, a, b)
     assert {a, b} <= set(problems(store))
     repair(store)
     assert compute_features(FeaturesConfig(store=str(store), reps="dw_norms", quiet=True)).tasks == 2
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 # --- 3. damaged metadata --------------------------------------------------------------------------------
 
 
-def test_a_deleted_array_metadata_is_named_and_repaired(store, clean_store, synth_dir):
+def test_a_deleted_array_metadata_is_named_and_repaired(store, trained_small, synth_dir):
     group = f"raw/train/{module_key(store)}"
     delete(store, f"{group}/A/zarr.json")
     assert problems(store)[group].what == "marked complete but A missing"
     repair(store)
     assert materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02).modules_written == 1
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
-def test_a_garbled_array_metadata_is_named_not_a_crash_and_repaired(store, clean_store, synth_dir):
+def test_a_garbled_array_metadata_is_named_not_a_crash_and_repaired(store, trained_small, synth_dir):
     group = f"raw/val/{module_key(store)}"
     garble(store / group / "B" / "zarr.json")
     assert problems(store)[f"{group}/B"].what.startswith("metadata (zarr.json) unreadable")
@@ -249,10 +238,10 @@ def test_a_garbled_array_metadata_is_named_not_a_crash_and_repaired(store, clean
     repair(store)
     materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
-def test_a_garbled_feature_metadata_is_named_and_recomputed(store, clean_store):
+def test_a_garbled_feature_metadata_is_named_and_recomputed(store, trained_small):
     garble(store / "features" / "test" / "dw_norms" / "zarr.json")
     assert problems(store)["features/test/dw_norms"].what.startswith("metadata (zarr.json) unreadable")
     before = file_snapshot(store)
@@ -261,7 +250,7 @@ def test_a_garbled_feature_metadata_is_named_and_recomputed(store, clean_store):
     assert repair(store) == [f"pipeline features --store {store} --rep dw_norms --split test"]
     compute_features(FeaturesConfig(store=str(store), reps="dw_norms", quiet=True))
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 def test_a_deleted_label_array_is_noticed(store, synth_dir):
@@ -283,31 +272,31 @@ def test_a_deleted_progress_flag_of_a_complete_rep_is_named(store):
 
 
 @pytest.mark.parametrize("group", ["raw/train/{module}", "labels/val", "runs/{digest}/run-000"])
-def test_a_garbled_group_metadata_is_named_and_repaired(store, clean_store, synth_dir, group):
+def test_a_garbled_group_metadata_is_named_and_repaired(store, trained_small, synth_dir, group):
     group = group.format(module=module_key(store), digest=digest(store))
     garble(store / group / "zarr.json")
     assert problems(store)[group].what.startswith("metadata (zarr.json) unreadable")
     repair(store)
     materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
-    train(TrainConfig(store=str(store), **TRAIN))
+    train(TrainConfig(store=str(store), **SMALL_TRAIN))
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 @pytest.mark.parametrize("group", ["raw/val", "features/train", "runs"])
 @pytest.mark.parametrize("damage", ["garble", "delete"])
-def test_a_plain_group_metadata_is_named_and_rewritten(store, clean_store, synth_dir, group, damage):
+def test_a_plain_group_metadata_is_named_and_rewritten(store, trained_small, synth_dir, group, damage):
     """A group that only holds others: without its zarr.json zarr's listings and the writers break."""
     (garble if damage == "garble" else Path.unlink)(store / group / "zarr.json")
     assert group in problems(store)
     assert repair(store) == []
     materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02)
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
-def test_a_damaged_coordinate_is_rewritten_by_a_features_run(store, clean_store, damage):
+def test_a_damaged_coordinate_is_rewritten_by_a_features_run(store, trained_small, damage):
     key = "features/val/module/c/0"
     flip(store / key) if damage == "flip" else delete(store, key)
     found = problems(store)[key]
@@ -315,7 +304,7 @@ def test_a_damaged_coordinate_is_rewritten_by_a_features_run(store, clean_store,
     assert repair(store) == [f"pipeline features --store {store} --split val --rep dw_norms"]
     assert run_cli("features", "--store", store, "--split", "val", "--rep", "dw_norms", "--quiet").exit_code == 0
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
+    assert_same_arrays(store, trained_small)
 
 
 def drop_root_copy(store: Path) -> None:
@@ -336,13 +325,13 @@ def test_root_attrs_missing_a_key_points_to_the_restore(store, key, command):
 
 
 @pytest.mark.parametrize("key", ["splits", "modules", "source", "labels"])
-def test_root_attrs_missing_a_key_are_restored_by_verify_repair(store, clean_store, key):
+def test_root_attrs_missing_a_key_are_restored_by_verify_repair(store, trained_small, key):
     edit_root_attrs(store, **{key: ...})
     result = run_cli("verify", "--store", store, "--repair", "--quiet")
     assert result.exit_code == 1 and "zarr.json: the root metadata" in result.output, result.output
     assert verify(str(store)).problems == []
-    assert_same_arrays(store, clean_store)
-    assert json.loads((store / "zarr.json").read_text()) == json.loads((clean_store / "zarr.json").read_text())
+    assert_same_arrays(store, trained_small)
+    assert json.loads((store / "zarr.json").read_text()) == json.loads((trained_small / "zarr.json").read_text())
 
 
 @pytest.mark.parametrize("key", ["splits", "modules", "source", "labels"])
@@ -365,7 +354,7 @@ def test_report_needs_no_root_attrs_but_its_runs(store, tmp_path):
     assert file_snapshot(store) == before and (tmp_path / "report" / "results.csv").is_file()
 
 
-def test_materialize_overwrite_recovers_damaged_root_attrs(store, clean_store, synth_dir):
+def test_materialize_overwrite_recovers_damaged_root_attrs(store, trained_small, synth_dir):
     edit_root_attrs(store, splits=...)
     drop_root_copy(store)  # with the copy, materialize restores the root from it (test_bad_lifecycle.py)
     materialize_to(store, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02, overwrite=True)
