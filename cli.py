@@ -45,7 +45,8 @@ class _Group(click.Group):
 
 def interrupted_message(args: list[str]) -> str:
     """What Ctrl-C stopped, that finished work is kept, and the command (shell-quoted) that resumes it."""
-    command = shlex.join(["pipeline", *args])
+    # --force would redo what was finished: the command that resumes is the same one without it
+    command = shlex.join(["pipeline", *(a for a in args if a != "--force")])
     name = f"`pipeline {args[0]}`" if args else "the command"
     if args and args[0] == "synth":  # writes its dataset in one go: nothing to resume
         return f"interrupted: {name} stopped before it finished; rerun `{command}` to write the dataset again"

@@ -24,6 +24,7 @@ docs/sharing.md explains the choice against the alternatives (lock files, Icechu
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -105,6 +106,7 @@ def _read(zstore, key: str) -> dict | None:
 
 
 # A lease record's fields and their types; "host" was added later and may be absent.
+_MAX_AHEAD = 24 * 3600.0  # seconds: see parse
 _FIELDS = {"by": str, "pid": int, "token": str, "since": (int, float), "expires": (int, float)}
 
 
@@ -115,6 +117,10 @@ def parse(record) -> dict | None:
     for name, kind in _FIELDS.items():
         if isinstance(record.get(name), bool) or not isinstance(record.get(name), kind):
             return None
+    # NaN (JSON allows it through Python) would never expire, nor would a time far ahead: a holder renews
+    # to now + ttl, so anything more than a day ahead is an edited file, not a lease (clocks differ by less).
+    if not all(math.isfinite(record[name]) for name in ("since", "expires")) or record["expires"] > time.time() + _MAX_AHEAD:
+        return None
     return record
 
 

@@ -52,13 +52,14 @@ def default_out(path: str) -> Path:
 def collect(path: str) -> list[Config]:
     """Every configuration with at least one finished run, in a stable order."""
     root = store.open_root(path, validate=False)  # only runs/ is read: damaged root attrs do not matter here
-    runs = root.get("runs")
     configs = []
-    for digest in sorted(runs.group_keys()) if runs is not None else []:
-        group = runs[digest]
-        done = sorted((k for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")))
-        if done:
-            configs.append(Config(digest, group.attrs.asdict(), [group[k].attrs.asdict() for k in done], group))
+    with store.damaged_metadata_is_one_line(path, "runs/"):
+        runs = store.member(root, "runs")
+        for digest in sorted(runs.group_keys()) if runs is not None else []:
+            group = runs[digest]
+            done = sorted((k for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")))
+            if done:
+                configs.append(Config(digest, group.attrs.asdict(), [group[k].attrs.asdict() for k in done], group))
     if not configs:
         raise PipelineError(f"store {path} has no finished runs; run {quoted('train', path)} first")
     return sorted(configs, key=lambda c: (c.attrs["label"], c.attrs["model"], "+".join(c.attrs["reps"]), c.attrs["layer_set"]))

@@ -21,6 +21,7 @@ swapped or replaced chunk is damage that ``verify`` and the readers can see, nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import itertools
 import json
@@ -210,9 +211,14 @@ def restore_root(location: str | Path) -> bool:
 
 def _write_root(location: str | Path, attrs: dict) -> None:
     """Replace the root zarr.json in one write (the store's set is atomic: a temporary file, then a rename)."""
+    write_group_metadata(zarr_store(location), "", attrs)
+
+
+def write_group_metadata(zstore: Store, path: str, attrs: dict) -> None:
+    """Write the zarr.json of the group at ``path`` ("" for the root) with ``attrs``, in one write, over whatever is there."""
     document = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
     buffer = default_buffer_prototype().buffer.from_bytes(json.dumps(document, indent=2).encode())
-    sync(zarr_store(location).set("zarr.json", buffer))
+    sync(zstore.set(f"{path}/zarr.json" if path else "zarr.json", buffer))
 
 
 def check_usable(location: str | Path) -> str:
@@ -377,6 +383,9 @@ def index_path(root: zarr.Group, split: str, name: str = "") -> str:
     return f"{group}/{name}" if name else group
 
 
+_RESERVED_KEYS = {"zarr.json"}  # a node name zarr itself uses inside every group
+
+
 def label_keys(names) -> dict[str, str]:
     """Label column name -> its node under ``labels/<split>``: distinct for distinct names.
 
@@ -385,11 +394,11 @@ def label_keys(names) -> dict[str, str]:
     other. Safe names are placed first, so a suffix never takes a real column's name.
     """
     names = sorted(names)
-    keys = {name: name for name in names if safe_key(name) == name}
+    keys = {name: name for name in names if safe_key(name) == name and name not in _RESERVED_KEYS}
     taken = set(keys.values())
     for name in (n for n in names if n not in keys):
         key, n = safe_key(name), 1
-        while key in taken:
+        while key in taken or key in _RESERVED_KEYS:
             n += 1
             key = f"{safe_key(name)}-{n}"
         keys[name] = key
@@ -527,6 +536,17 @@ def member(root: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
         raise PipelineError(f"the metadata of {key} in store {location_of(root.store)} is damaged ({type(exc).__name__}); "
                             f"run {quoted('verify', location_of(root.store), '--repair')}, then the commands it "
                             "prints") from None
+
+
+@contextlib.contextmanager
+def damaged_metadata_is_one_line(location: str, what: str):
+    """Around a walk over many nodes (``runs/``): a zarr.json there that is not JSON, or not zarr metadata,
+    becomes one line that names ``what`` and the repair, instead of a JSONDecodeError from inside zarr."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"the metadata of {what} in store {location} is damaged ({type(exc).__name__}); "
+                            f"run {quoted('verify', location, '--repair')}, then the commands it prints") from None
 
 
 def group_complete(root: zarr.Group, path: str) -> bool:

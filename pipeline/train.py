@@ -202,6 +202,10 @@ def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, st
     raw = {split: store.read_array(root, store.label_path(root, split, label)) for split in SPLITS}
     if kind == "float":
         task, classes = "regression", []
+        for split, values in raw.items():  # NaN is a missing label; an infinite one is no target to learn
+            if np.isinf(values).any():
+                raise PipelineError(f"label {label!r} has {int(np.isinf(values).sum())} infinite value(s) in split {split!r}; "
+                                    "fix them (or make them missing) in the source and rematerialize, or choose another --label")
         keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
         y = {s: raw[s][keep[s]].astype(np.float64) for s in SPLITS}
     elif kind == "categorical":
@@ -367,20 +371,22 @@ def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[i
     A run's bytes depend (in the last bit) on which runs it was trained beside, so runs are redone by
     whole batches: a crash between two runs' marks is repaired to exactly what a clean run writes.
     """
-    group = root.get(f"runs/{digest}")
     wanted = set(todo)
-    for key in group.group_keys() if group is not None and todo else ():
-        batch = group[key].attrs.get("batch") if key.startswith("run-") else None
-        if batch and wanted & set(batch):
-            wanted |= set(batch)
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
+        group = store.member(root, f"runs/{digest}")
+        for key in group.group_keys() if group is not None and todo else ():
+            batch = group[key].attrs.get("batch") if key.startswith("run-") else None
+            if batch and wanted & set(batch):
+                wanted |= set(batch)
     return sorted(wanted)
 
 
 def finished_runs(root: zarr.Group, digest: str) -> set[int]:
-    group = root.get(f"runs/{digest}")
-    if group is None:
-        return set()
-    return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
+        group = store.member(root, f"runs/{digest}")
+        if group is None:
+            return set()
+        return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
 
 
 # --- metrics and the runs written -----------------------------------------------------------------------
@@ -420,11 +426,12 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
     """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
     group = root.require_group(f"runs/{digest}")
-    store.update_attrs(group, {
+    configuration = {
         "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
         "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
         "feature_width": data.width, "layers": data.layers, "n": {s: int(len(data.index[s])) for s in SPLITS},
-    })
+    }
+    store.update_attrs(group, configuration)
     score_name = "accuracy" if data.task == "classification" else "r2"
     if data.task == "classification":
         predictions = test_out.argmax(-1).cpu().numpy().astype(np.int64)
@@ -454,7 +461,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
                             seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs),
-                            batch=[int(r) for r in runs])
+                            batch=[int(r) for r in runs], configuration=configuration)  # restores a lost group zarr.json
 
 def check_finite(ens: Ensemble, final: dict, last: dict, setup: Setup, label: str) -> None:
     """Refuse (before any run is written) an ensemble whose curves or metrics have NaN/Inf, or a run whose

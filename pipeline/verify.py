@@ -327,14 +327,36 @@ def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, 
                                    report.problems.append(Problem(key, what, rewrite, ("node", node))), True, None, False))
 
 
+def _saved_configuration(zstore, path: str) -> dict | None:
+    """The configuration's attrs as a complete run under ``path`` recorded them in its mark, if one did."""
+    async def children():
+        return [name async for name in zstore.list_dir(path) if name.startswith("run-")]
+
+    for name in sorted(sync(children())):
+        raw = store._get(zstore, f"{path}/{name}/zarr.json")
+        try:
+            saved = json.loads(raw).get("attributes", {}).get("configuration") if raw else None
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(saved, dict) and saved.get("config"):
+            return saved
+    return None
+
+
 def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> None:
     runs = _open(root, "runs", report, command("train", path), ("key",))
     if runs is None:
         return
     _, groups, damaged = _members(runs)
-    for digest in damaged:  # its attributes (the configuration) are lost: the whole configuration is retrained
-        report.problems.append(Problem(f"runs/{digest}", UNREADABLE, command("train", path) + " (with that configuration's options: they were in the lost metadata)",
-                                       ("node", f"runs/{digest}")))
+    for digest in damaged:  # its attributes (the configuration) are lost; each run's mark keeps a copy of them
+        saved = _saved_configuration(root.store, f"runs/{digest}")
+        if saved is not None:
+            report.problems.append(Problem(f"runs/{digest}", UNREADABLE, "none (`pipeline verify --repair` rewrites it "
+                                           "from its runs' marks)", ("reconfig", f"runs/{digest}", saved)))
+        else:  # runs written before their marks kept it: nothing is deleted, the user knows the options
+            report.problems.append(Problem(f"runs/{digest}", UNREADABLE, "none automatic: its options were in this file; "
+                                           "retrain it with the options you gave `pipeline train`, adding --force",
+                                           ("none",)))
     for digest, group in groups.items():
         if f"train/{digest}" in busy:
             continue
@@ -386,6 +408,8 @@ def repair(path: str, problems: list[Problem]) -> list[str]:
         if kind in ("group", "key", "regroup"):
             for key in keys if kind != "regroup" else [f"{problem.reset[1]}/zarr.json"]:
                 sync(zstore.delete(key))
+        elif kind == "reconfig":
+            store.write_group_metadata(zstore, problem.reset[1], problem.reset[2])
         elif kind == "node":
             sync(zstore.delete_dir(problem.reset[1]))
         elif kind == "lease":

@@ -28,6 +28,7 @@ from pipeline.train import TrainConfig, load_labels, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = dict(reps="dw_norms", runs=2, hidden=16, epochs=3, patience=2, quiet=True)
+TRAIN_CLI = ("--rep", "dw_norms", "--runs", "2", "--hidden", "16", "--epochs", "3", "--patience", "2", "--quiet")
 
 
 # --- builders --------------------------------------------------------------------------------------
@@ -207,24 +208,28 @@ def _root_attrs(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_loop_over_materialize_overwrite(tmp_path):
-    """SIGKILL `materialize --overwrite` at each of its steps; rerunning the same command always ends in the clean store."""
+    """SIGKILL `materialize --overwrite` at its steps and at moments after them; rerunning the same command
+    always ends in the clean store, and in between every command says what the store is in one line.
+
+    The moment in the middle of deleting the old contents is too short to hit from outside every time:
+    test_an_interrupted_overwrite_says_what_it_is_and_finishes builds that state directly.
+    """
     first, second = _sources(tmp_path)
     clean = tmp_path / "clean.zarr"
-    materialize_to(clean, second)
-    points = {
-        "marked replacing": lambda p: "replacing" in _root_attrs(p),
-        "old data being cleared": lambda p: "replacing" in _root_attrs(p) and not (p / "raw").exists(),
-        "new root written": lambda p: _root_attrs(p).get("source", {}).get("uri") == str(second)
-                                      and "replacing" not in _root_attrs(p),
-    }
-    for point, reached in points.items():
-        path = tmp_path / f"{point.replace(' ', '-')}.zarr"
+    materialize_to(clean, second, chunk_mb=0.0001)
+    replacing = lambda p: "replacing" in _root_attrs(p)  # noqa: E731
+    new_root = lambda p: _root_attrs(p).get("source", {}).get("uri") == str(second) and not replacing(p)  # noqa: E731
+    kills = [("marked replacing", replacing, 0.0), ("new root written", new_root, 0.0),
+             *((f"{delay}s after marking", replacing, delay) for delay in (0.005, 0.02, 0.1))]
+    for i, (point, reached, delay) in enumerate(kills):
+        path = tmp_path / f"kill-{i}.zarr"
         materialize_to(path, first)
         command = [sys.executable, str(ROOT / "cli.py"), "materialize", "--store", str(path), "--source", str(second),
                    "--overwrite", "--quiet", "--chunk-mb", "0.0001"]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _wait_for(lambda: reached(path), proc, point)
+            time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait()
@@ -234,9 +239,7 @@ def test_kill_loop_over_materialize_overwrite(tmp_path):
         assert "not one of our stores" not in info.output and "Traceback" not in info.output, (point, info.output)
         again = subprocess.run(command, capture_output=True, text=True)
         assert again.returncode == 0, (point, again.stderr)
-        small = tmp_path / f"clean-{len(point)}.zarr"
-        materialize_to(small, second, chunk_mb=0.0001)
-        assert_same_arrays(path, small)
+        assert_same_arrays(path, clean)
 
 
 # --- a lost or damaged root zarr.json ---------------------------------------------------------------
@@ -318,3 +321,76 @@ def test_a_lost_index_group_metadata_is_rewritten_with_its_copy(made_with_option
     assert result.exit_code == 1 and "index:" in result.output, result.output
     assert store_mod.root_copy(copy) == json.loads((copy / "zarr.json").read_text())["attributes"]
     assert run_cli("verify", "--store", copy, "--quiet").exit_code == 0
+
+
+# --- found by a second hostile pass ---------------------------------------------------------------
+
+
+def test_the_resume_command_after_ctrl_c_drops_force():
+    from cli import interrupted_message
+
+    line = interrupted_message(["features", "--store", "my store.zarr", "--rep", "dw_norms", "--force"])
+    assert "`pipeline features --store 'my store.zarr' --rep dw_norms`" in line and "--force" not in line
+
+
+def test_a_damaged_configuration_group_is_rewritten_from_its_runs(made_with_options, tmp_path):
+    clean, _ = made_with_options
+    copy, _, _ = copy_of(clean, tmp_path / "copy.zarr")
+    (digest,) = [p.name for p in (copy / "runs").iterdir() if p.is_dir()]
+    (copy / "runs" / digest / "zarr.json").write_text("{")
+    for args in (("report", "--out", tmp_path / "r"), ("train", *TRAIN_CLI)):
+        assert_one_line_error(run_cli(*args, "--store", copy), "runs/", "verify --store")
+    result = run_cli("verify", "--store", copy, "--repair", "--quiet")
+    assert result.exit_code == 1 and f"runs/{digest}: " in result.output, result.output
+    assert run_cli("verify", "--store", copy, "--quiet").exit_code == 0
+    assert_same_arrays(copy, clean)  # nothing was deleted
+    assert json.loads((copy / "runs" / digest / "zarr.json").read_text())["attributes"] == \
+        json.loads((clean / "runs" / digest / "zarr.json").read_text())["attributes"]
+    assert run_cli("report", "--store", copy, "--out", tmp_path / "r").exit_code == 0
+
+
+def test_a_damaged_run_group_is_one_line_in_train_and_report(made_with_options, tmp_path):
+    clean, _ = made_with_options
+    copy, _, _ = copy_of(clean, tmp_path / "copy.zarr")
+    (run,) = [p for p in (copy / "runs").glob("*/run-000")]
+    (run / "zarr.json").write_text("not json")
+    before = file_snapshot(copy)
+    assert_one_line_error(run_cli("report", "--store", copy, "--out", tmp_path / "r"), "verify")
+    assert_one_line_error(run_cli("train", "--store", copy, *TRAIN_CLI), "verify")
+    assert file_snapshot(copy) == before
+
+
+def test_a_label_named_zarr_json_is_kept(tmp_path):
+    values = np.arange(24) % 3
+    materialize_to(tmp_path / "s.zarr", labelled_source(tmp_path / "src", **{"zarr.json": values}))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    rows = root["index/train/row"][:]
+    np.testing.assert_array_equal(root[store_mod.label_path(root, "train", "zarr.json")][:], values[rows])
+    assert run_cli("verify", "--store", tmp_path / "s.zarr", "--quiet").exit_code == 0
+
+
+def test_an_infinite_regression_target_is_refused(tmp_path):
+    y = np.linspace(0, 1, 24)
+    y[5] = np.inf
+    path = tmp_path / "s.zarr"
+    materialize_to(path, labelled_source(tmp_path / "src", y=y))
+    compute_features(FeaturesConfig(store=str(path), reps="dw_norms", quiet=True))
+    before = file_snapshot(path)
+    assert_one_line_error(run_cli("train", "--store", path, "--label", "y", *TRAIN_CLI), "'y'", "infinite")
+    assert file_snapshot(path) == before
+
+
+@pytest.mark.parametrize("expires", ["NaN", "Infinity", str(time.time() + 10 * 24 * 3600)])
+def test_a_lease_that_would_never_expire_is_damaged(small_store, tmp_path, expires):
+    from pipeline import leases
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(small_store, path)
+    lease = path / "_leases" / "materialize" / "00000000.json"
+    lease.parent.mkdir(parents=True)
+    lease.write_text('{"by": "x@y", "pid": 1, "token": "t", "since": 0, "expires": %s, "host": "%s"}'
+                     % (expires, __import__("socket").gethostname()))
+    assert leases.parse(json.loads(lease.read_text())) is None
+    result = run_cli("verify", "--store", path, "--quiet")
+    assert result.exit_code == 1 and "damaged lease" in result.output, result.output
+    assert run_cli("materialize", "--store", path, "--quiet").exit_code == 0  # taken over, no wait
