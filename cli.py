@@ -104,7 +104,7 @@ def synth(out, n, rank, modules, seed, quiet):
 @click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), default="none", show_default=True,
               help="Compression of the raw weights (crc32c checksums always).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
-@click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout (one of the same source and layout is resumed, not replaced: repair damage with `pipeline verify --repair`).")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
 def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
