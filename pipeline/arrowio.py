@@ -160,14 +160,20 @@ def _chunk_values(chunk: pa.Array) -> tuple[np.ndarray, pa.Array]:
 
 
 def _padded_chunk(chunk: pa.Array, spec: MatrixColumn, ranks: np.ndarray, first_row: int) -> np.ndarray:
-    """(n, rows, cols) of one Arrow chunk: a zero-copy view when all shapes agree, else zero-padded."""
+    """(n, rows, cols) of one Arrow chunk: a zero-copy view when all shapes agree, else zero-padded.
+
+    The chunk must have passed ``check_shapes`` (materialize's plan checks every chunk before anything
+    is written): only then is a reshape of its values the matrices and not a silent re-cut of them.
+    """
     n = len(chunk)
     chunk_ranks = ranks[first_row:first_row + n]
-    lengths = _inner_lengths(chunk, spec, chunk_ranks, first_row)  # offsets only; a wrong shape is never reshaped
     values, inner = _chunk_values(chunk)
     full = spec.rows if spec.rank_axis == 0 else spec.cols
-    if (chunk_ranks == full).all():
+    if (chunk_ranks == full).all() and values.size == n * spec.rows * spec.cols:
+        # Checked by check_shapes already; not again here: for an up matrix of rank 1 the inner offsets
+        # are as many as the values, so a second check cost as much as the copy (12% of materialize).
         return values.reshape(n, spec.rows, spec.cols)
+    lengths = _inner_lengths(chunk, spec, chunk_ranks, first_row)  # offsets only; a wrong shape is never reshaped
     if spec.rank_axis == 0:
         row_of_list = np.repeat(np.arange(n), chunk_ranks)
     out = np.zeros((n, spec.rows, spec.cols), dtype=values.dtype)
