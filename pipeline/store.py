@@ -466,11 +466,6 @@ def base_location(root: zarr.Group) -> str | None:
     return (root.attrs.get("base") or {}).get("store")
 
 
-def raw_location(location: str) -> str:
-    """Where the raw layers of the store at ``location`` are: itself, or its base."""
-    return base_location(open_root(location)) or location
-
-
 def writable_target(location: str, output: str | None) -> str:
     """The store a command writes to: ``location`` if writable, else ``output`` (made if absent).
 

@@ -454,30 +454,17 @@ def test_down_without_up(tmp_path, missing):
     assert not store.exists()
 
 
-def test_up_rows_differ_between_rows(tmp_path):
+@pytest.mark.parametrize("column, matrix", [
+    (UP, np.ones((4, 2))),  # out 4 where the others have 5
+    (DOWN, np.ones((2, 7))),  # in 7 where the others have 6
+    (UP, np.ones((5, 3))),  # rank 3 where its down has rank 2
+], ids=["up rows differ", "down cols differ", "up rank differs from down rank"])
+def test_a_row_of_another_shape_is_named(tmp_path, column, matrix):
     cols = lora_rows(12)
-    cols[UP][7] = np.ones((4, 2))  # out 4 where the others have 5
+    cols[column][7] = matrix
     src = save_matrix_dataset(tmp_path / "src", cols)
     store = tmp_path / "s.zarr"
-    assert_one_line_error(run_cli("materialize", "--source", src, "--store", store, "--quiet"), UP, "row 7")
-    assert not store.exists()
-
-
-def test_down_cols_differ_between_rows(tmp_path):
-    cols = lora_rows(12)
-    cols[DOWN][7] = np.ones((2, 7))  # in 7 where the others have 6
-    src = save_matrix_dataset(tmp_path / "src", cols)
-    store = tmp_path / "s.zarr"
-    assert_one_line_error(run_cli("materialize", "--source", src, "--store", store, "--quiet"), DOWN, "row 7")
-    assert not store.exists()
-
-
-def test_up_rank_differs_from_down_rank(tmp_path):
-    cols = lora_rows(12)
-    cols[UP][7] = np.ones((5, 3))  # rank 3 where its down has rank 2
-    src = save_matrix_dataset(tmp_path / "src", cols)
-    store = tmp_path / "s.zarr"
-    assert_one_line_error(run_cli("materialize", "--source", src, "--store", store, "--quiet"), UP, "row 7")
+    assert_one_line_error(run_cli("materialize", "--source", src, "--store", store, "--quiet"), column, "row 7")
     assert not store.exists()
 
 
