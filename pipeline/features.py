@@ -74,6 +74,9 @@ class Task:
     n_layers: int
     reps: tuple[str, ...]  # representations this task computes (those not done for this chunk)
     device: str
+    # Materialize refuses NaN/Inf weights unless --allow-nonfinite: only then must a task look for them
+    # (a pass over every raw value, which the stage otherwise never needs).
+    raw_may_be_nonfinite: bool = True
 
 
 def disk_full(exc: OSError, location: str) -> PipelineError | None:
@@ -148,7 +151,8 @@ def run_task(task: Task) -> tuple[int, int]:
         group = raw[f"raw/{task.split}/{module.key}"]
         a = read_raw(group, "A", task.start, task.stop)
         b = read_raw(group, "B", task.start, task.stop)
-        _check_raw_finite(task, module.key, a, b)
+        if task.raw_may_be_nonfinite:
+            _check_raw_finite(task, module.key, a, b)
         nbytes += a.nbytes + b.nbytes
         rank = store.read_array(group, "rank", task.start, task.stop) if module.rank_varies else np.full(n, module.rank)
         alpha = store.read_array(group, "alpha", task.start, task.stop) if module.alpha_varies else module.alpha
@@ -284,6 +288,7 @@ def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] |
 
 def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location: str, attrs: dict, reps, splits, modules,
                fingerprint: str, device: str, only) -> None:
+    nonfinite = (raw_root.attrs.get("materialize_config") or {}).get("allow_nonfinite", True)  # unknown: check
     for split in splits:
         n = attrs["splits"][split]["n"]
         chunk = raw_root[f"raw/{split}/{modules[0].key}/A"].chunks[0]
@@ -317,7 +322,7 @@ def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location:
                 todo.setdefault(int(c), []).append(rep.name)
         for c, names in sorted(todo.items()):
             plan.tasks.append(Task(config.store, raw_location, split, c, c * chunk, min(n, (c + 1) * chunk), modules,
-                                   len(attrs["layers"]), tuple(names), device))
+                                   len(attrs["layers"]), tuple(names), device, nonfinite))
 
 
 def _finish(config: FeaturesConfig, computed: dict) -> None:
