@@ -12,7 +12,6 @@ Why tasks span all modules of a chunk rather than one module: every zarr read or
 
 from __future__ import annotations
 
-import errno
 import time
 from dataclasses import dataclass, replace
 
@@ -24,7 +23,7 @@ from zarr.errors import ContainsArrayError
 from . import __version__, leases, representations, store
 from . import cluster as cluster_mod
 from .commands import quoted
-from .errors import PipelineError
+from .errors import PipelineError, disk_full
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,6 @@ class Task:
     # Materialize refuses NaN/Inf weights unless --allow-nonfinite: only then must a task look for them
     # (a pass over every raw value, which the stage otherwise never needs).
     raw_may_be_nonfinite: bool = True
-
-
-def disk_full(exc: OSError, location: str) -> PipelineError | None:
-    """The one-line error for a full disk or quota while writing ``location`` (None for other OSErrors)."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return None
-    return PipelineError(f"no space left while writing {location} ({exc.strerror or 'disk full'}); finished work is kept: "
-                         "free space and rerun the same command to resume")
 
 
 def resolve_device(device: str) -> str:

@@ -8,7 +8,6 @@ budget) and marks it complete last, so a rerun skips finished modules and redoes
 
 from __future__ import annotations
 
-import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import arrowio, leases, store
-from .errors import PipelineError
+from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
 from .splits import SplitPlan, check_split_options, plan_splits
@@ -492,10 +491,9 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
             if bar:
                 bar.update(layers=2, nbytes=nbytes)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise PipelineError(
-                f"no space left while writing {config.store} ({exc.strerror}); finished layers are kept: free space and rerun to resume"
-            ) from None
+        full = disk_full(exc, config.store)
+        if full is not None:
+            raise full from None
         raise
     finally:
         writer.close()

@@ -25,8 +25,8 @@ import zarr
 
 from . import cluster, leases, metrics, representations, store
 from .commands import command, quoted
-from .errors import PipelineError
-from .features import disk_full, rep_state, resolve_device
+from .errors import PipelineError, disk_full
+from .features import rep_state, resolve_device
 from .model import Ensemble, Hyper, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
