@@ -370,7 +370,7 @@ def open_root(path: str | Path, mode: str = "r", validate: bool = True) -> zarr.
     if attrs.get("replacing"):
         raise PipelineError(f"store {path} is being replaced (a `materialize --overwrite` was interrupted, or is running); "
                             f"run {quoted('materialize', path)} to finish it")
-    if validate:
+    if validate and not attrs_valid(path, attrs):  # only then is the copy in index/ worth reading
         if root_restorable(path):
             raise PipelineError(damaged_message(path))
         check_attrs(path, attrs)
