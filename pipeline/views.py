@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import xarray as xr
 
 from . import store
@@ -49,8 +48,3 @@ def _check_split(path: str, split: str):
         raise PipelineError(f"store {path} has no split {split!r}; it has {', '.join(splits)}")
     return root
 
-
-def decode(labels: xr.DataArray) -> np.ndarray:
-    """Integer codes of a categorical label back to its class names."""
-    classes = np.asarray(labels.attrs["classes"])
-    return classes[labels.values]

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import zarr  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+import real_loras  # noqa: E402
 from cli import main  # noqa: E402
 from pipeline.features import FeaturesConfig, compute_features  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
@@ -161,6 +162,19 @@ def lora_rows(n: int, rank: int = 2, fan_in: int = 6, fan_out: int = 5, seed: in
 
 
 # --- session fixtures -------------------------------------------------------------------------------
+
+
+def pytest_report_header(config) -> str:
+    if all((real_loras.REAL / f).is_file() for f in real_loras.FILES):
+        return f"real LoRA files: {real_loras.REAL}"
+    return (f"real LoRA files: NOT FOUND at {real_loras.REAL}; the tests that read them use generated look-alikes "
+            "(same names, shapes, dtypes, metadata) and test_look_alikes_match_real is skipped")
+
+
+@pytest.fixture(scope="session")
+def real_lora_dir(tmp_path_factory) -> Path:
+    """The seven real LoRA files (tests/real_loras.py), or their generated look-alikes; treat as read-only."""
+    return real_loras.folder(tmp_path_factory.mktemp("real-loras"))[0]
 
 
 @pytest.fixture(scope="session")

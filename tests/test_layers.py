@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_loras
 from conftest import materialize_to, open_store
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from pipeline.errors import PipelineError
@@ -16,7 +18,6 @@ from pipeline.layers import pair_modules, parse_lora_column, safe_key, select_mo
 from pipeline.materialize import MaterializeConfig, plan
 from pipeline.sources import open_source
 
-REAL = Path("/work/shared/data/real-loras")
 BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 
 
@@ -146,32 +147,26 @@ def test_safe_key_keeps_ordinary_names():
 _DOWN = re.compile(r"([._])lora([._])down\.weight$|:down$")
 
 
-def _real_files() -> list:
-    if not REAL.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{REAL} is absent"))]
-    return [p.name for p in sorted(REAL.glob("*.safetensors"))]
-
-
 def _up_of(down: str) -> str:
     match = _DOWN.search(down)
     return down[:match.start()] + (f"{match[1]}lora{match[2]}up.weight" if match[1] else ":up")
 
 
-def _adapter_folder(tmp_path: Path, file: str) -> Path:
+def _adapter_folder(tmp_path: Path, real: Path, file: str) -> Path:
     folder = tmp_path / "adapters"
     folder.mkdir()
     for i in range(3):
-        shutil.copyfile(REAL / file, folder / f"adapter{i}.safetensors")
+        shutil.copyfile(real / file, folder / f"adapter{i}.safetensors")
     (folder / "labels.csv").write_text("file,label\nadapter0.safetensors,cat\nadapter1.safetensors,dog\nadapter2.safetensors,cat\n")
     return folder
 
 
-@pytest.mark.parametrize("file", _real_files())
-def test_real_adapters_pair_and_round_trip(tmp_path, file):
-    tensors = load_file(str(REAL / file))
+@pytest.mark.parametrize("file", real_loras.FILES)
+def test_real_adapters_pair_and_round_trip(tmp_path, real_lora_dir, file):
+    tensors = load_file(str(real_lora_dir / file))
     downs = sorted(k for k in tensors if _DOWN.search(k))
     assert downs and all(_up_of(d) in tensors for d in downs)
-    folder = _adapter_folder(tmp_path, file)
+    folder = _adapter_folder(tmp_path, real_lora_dir, file)
 
     # Every module pairs (planning reads only metadata, so all of them can be checked cheaply).
     source = open_source(str(folder))
@@ -209,13 +204,12 @@ def test_real_adapters_pair_and_round_trip(tmp_path, file):
         assert non_lora == ["<s1>", "<s2>"]
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent")
-def test_real_adapter_whole_file_stored(tmp_path):
+def test_real_adapter_whole_file_stored(tmp_path, real_lora_dir):
     """One file with every module stored (the processor scheme, whose module names are rebuilt): names and every value."""
     file = "processor_rank4_b.safetensors"
-    tensors = load_file(str(REAL / file))
+    tensors = load_file(str(real_lora_dir / file))
     downs = sorted(k for k in tensors if _DOWN.search(k))
-    folder = _adapter_folder(tmp_path, file)
+    folder = _adapter_folder(tmp_path, real_lora_dir, file)
     store = tmp_path / "s.zarr"
     materialize_to(store, folder)
     root = open_store(store)
@@ -232,3 +226,34 @@ def test_real_adapter_whole_file_stored(tmp_path):
             A, B = root[f"raw/{split}/{m['key']}/A"][...], root[f"raw/{split}/{m['key']}/B"][...]
             np.testing.assert_array_equal(A, np.stack([tensors[m["down"]]] * 3))
             np.testing.assert_array_equal(B, np.stack([tensors[m["up"]]] * 3))
+
+
+# --- the look-alikes that stand in for them where ../shared is absent ------------------------------
+
+
+def _contents(path: Path) -> tuple[dict, dict | None]:
+    with safe_open(str(path), "np") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), str(f.get_tensor(k).dtype)) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("file", real_loras.FILES)
+def test_look_alike_is_what_its_spec_says(tmp_path, file):
+    """A generated file holds exactly the spec's tensors and metadata, with the real files' scales (A ~ 1/rank, B ~ 1e-3)."""
+    real_loras.generate(file, tmp_path / file)
+    tensors, metadata = real_loras.spec(file)
+    assert _contents(tmp_path / file) == (tensors, metadata)
+    values = load_file(str(tmp_path / file))
+    rank = 1 if "rank1" in file else 4
+    downs = [v.astype(np.float64) for k, v in values.items() if _DOWN.search(k)]
+    ups = [values[_up_of(k)].astype(np.float64) for k in values if _DOWN.search(k)]
+    assert len(downs) in (128, 192)
+    assert abs(np.concatenate([d.ravel() for d in downs]).std() * rank - 1) < 0.05
+    assert abs(np.concatenate([u.ravel() for u in ups]).std() * 1e3 - 1) < 0.05
+
+
+@pytest.mark.parametrize("file", real_loras.FILES)
+def test_look_alikes_match_real(file):
+    """The generator's names, shapes, dtypes and metadata are the real file's (when ../shared is here to compare)."""
+    if not (real_loras.REAL / file).is_file():
+        pytest.skip(f"SKIPPED: {real_loras.REAL / file} is absent, so the look-alike cannot be checked against it")
+    assert real_loras.spec(file) == _contents(real_loras.REAL / file)
