@@ -20,7 +20,8 @@ import torch
 import zarr
 from zarr.errors import ContainsArrayError
 
-from . import __version__, leases, representations, store
+from . import leases, representations, store
+from ._version import __version__
 from . import cluster as cluster_mod
 from .commands import quoted
 from .errors import PipelineError, disk_full
