@@ -6,15 +6,13 @@ configuration, and sizes. ``summary`` gives it as a JSON-ready dict (``pipeline 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import zarr
 
-from . import leases, representations, store
+from . import leases, provenance, store
 from .commands import quoted
 from .errors import PipelineError
-from .features import rep_state
 
 
 def _logical_bytes(root: zarr.Group) -> int:
@@ -30,6 +28,9 @@ def _logical_bytes(root: zarr.Group) -> int:
 
 def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> dict:
     """Per representation found in the store: its state and stamp per split, and its bytes."""
+    # The registry is the representations' torch functions: loaded only when there is a stamp to judge against it.
+    from . import representations
+
     fingerprint = attrs["source"]["fingerprint"]
     out: dict = {}
     for split in attrs["splits"]:
@@ -40,7 +41,7 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
             array = features[name]
             a = array.attrs.asdict()
             try:
-                state = rep_state(features, representations.get(name), fingerprint)
+                state = provenance.rep_state(array, representations.get(name), fingerprint)
             except PipelineError:  # a representation this version does not know (renamed, or from a newer version)
                 state = "unknown"
             state = {"partial": "incomplete"}.get(state, state)
@@ -60,8 +61,7 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
 
 
 def _holder(h) -> dict:
-    return {"by": h.by, "pid": h.pid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.since)),
-            "lease_expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.expires))}
+    return {"by": h.by, "pid": h.pid, "since": provenance.utc_stamp(h.since), "lease_expires": provenance.utc_stamp(h.expires)}
 
 
 def _training(root: zarr.Group, busy: dict) -> list[dict]:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import arrowio, leases, store
+from . import arrowio, leases, provenance, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
@@ -272,7 +272,7 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
         "ignored_columns": p.ignored,
         "chunk_models": p.chunk_models,
         "materialize_config": recorded_config(config),
-        "created": store.provenance(),
+        "created": provenance.stamp(),
     }
 
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import itertools
 import json
 import os
 import shutil
 import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from .commands import materialize_args, quoted
 from .errors import PipelineError
 from .layers import safe_key
+from .provenance import stamp
 
 FORMAT = "weightspace-pipeline-store"
 SCHEMA_VERSION = 2  # 2: bookkeeping in index/ (it shared labels/ in 1), a copy of the root attrs
@@ -89,11 +88,6 @@ def raw_compressors(codec: str, itemsize: int) -> list:
 
 def small_compressors() -> list:
     return [Crc32cCodec()]
-
-
-def provenance() -> dict:
-    """Who wrote something, when: the stamp every mark carries."""
-    return {"by": f"{getpass.getuser()}@{socket.gethostname()}", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def is_url(location: str | Path) -> bool:
@@ -441,7 +435,7 @@ def begin_replacing(path: str | Path, config: dict) -> None:
     replacement leaves a store that says what it is and how to finish it, never a dead end.
     """
     attrs = _root_attrs(path) or root_copy(path) or {"format": FORMAT, "schema_version": SCHEMA_VERSION}
-    _write_root(path, {**attrs, "replacing": {"materialize_config": config, **provenance()}})
+    _write_root(path, {**attrs, "replacing": {"materialize_config": config, **stamp()}})
 
 
 def clear(path: str | Path) -> None:
@@ -490,7 +484,7 @@ def writable_target(location: str, output: str | None) -> str:
         return output
     check_writable(output)
     attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}
-    mine = create_root(output, {**attrs, "created": provenance(), "base": {"store": str(location), "fingerprint": fingerprint}})
+    mine = create_root(output, {**attrs, "created": stamp(), "base": {"store": str(location), "fingerprint": fingerprint}})
     bookkeeping = ("row", "model_id")
     for split in attrs["splits"]:  # labels and index: small, and every reader of a store needs them
         labels = shared[f"labels/{split}"]
@@ -570,7 +564,7 @@ def mark_complete(root: zarr.Group, path: str, **info) -> None:
     keys = {name: chunk_keys(array) for name, array in arrays.items()}
     tails = iter(_tails(group.store, [key for name in arrays for key in keys[name]]))
     manifests = {name: _manifest(array, keys[name], [next(tails) for _ in keys[name]]) for name, array in arrays.items()}
-    update_attrs(group, {"complete": True, MANIFEST: manifests, **provenance(), **info})
+    update_attrs(group, {"complete": True, MANIFEST: manifests, **stamp(), **info})
 
 
 def mark_array_complete(array: zarr.Array, **info) -> None:

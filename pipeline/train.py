@@ -12,8 +12,6 @@ Only ``labels/``, ``features/`` and the root attrs are read; results go to ``run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
@@ -23,10 +21,10 @@ import numpy as np
 import torch
 import zarr
 
-from . import cluster, leases, metrics, representations, store
+from . import cluster, leases, metrics, provenance, representations, store
 from .commands import command, quoted
 from .errors import PipelineError, disk_full
-from .features import rep_state, resolve_device
+from .features import resolve_device
 from .model import Ensemble, Hyper, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
@@ -131,7 +129,7 @@ def feature_home(root: zarr.Group, name: str) -> zarr.Group:
     rep = representations.get(name)
     fingerprint = root.attrs["source"]["fingerprint"]
     groups = [root.get(f"features/{split}") for split in SPLITS]
-    if all(g is not None and rep_state(g, rep, fingerprint) == "fresh" for g in groups):
+    if all(g is not None and provenance.rep_state(store.member(g, name), rep, fingerprint) == "fresh" for g in groups):
         return root
     return store.open_root(base, mode="r")
 
@@ -241,7 +239,7 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
         group = store.member(root, f"features/{split}")
         if group is None:
             raise PipelineError(f"representation {name!r} is not computed yet; {fix}")
-        state = rep_state(group, rep, fingerprint)
+        state = provenance.rep_state(store.member(group, name), rep, fingerprint)
         if state != "fresh":
             what = {"partial": "only partly computed", "stale": "not computed yet or stale"}[state]
             if state == "stale" and name in group:
@@ -331,7 +329,7 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
         "source_fingerprint": root.attrs["source"]["fingerprint"],
         "reps": [{"name": n, "spec_hash": representations.get(n).spec_hash()} for n in setup.reps],
         "layer_set": setup.layer_set,
-        "layers_hash": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()[:16],
+        "layers_hash": provenance.digest("\n".join(layer_names).encode(), length=16),
         "label": config.label,
         "task": data.task,
         "model": config.model,
@@ -358,7 +356,7 @@ def train_command(store_path: str, config: dict, runs: int) -> str:
 
 def config_hash(config: dict) -> str:
     """sha256 of the sorted-key JSON of the configuration, first 16 hex digits."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return provenance.content_hash(config, length=16)
 
 
 def run_key(run: int) -> str:

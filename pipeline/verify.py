@@ -32,6 +32,7 @@ from zarr.core.sync import sync
 from . import leases, store
 from .commands import command
 from .errors import PipelineError
+from .layers import safe_key
 from .train import train_command
 
 

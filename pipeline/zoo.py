@@ -18,7 +18,6 @@ docs/zoo.md says why each number is what it is.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import PipelineError
+from .provenance import content_hash
 from .loraws import LoraModule, matrix_column, write_dataset
 
 ZOO_VERSION = 1  # bump when the adapters a config produces change
@@ -70,7 +70,7 @@ class ZooConfig:
 
 
 def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    return content_hash(payload, length=16, default=list)  # 16, list: the names of built zoos and base models
 
 
 def _require_packages() -> None:
