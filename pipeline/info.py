@@ -65,13 +65,10 @@ def _holder(h) -> dict:
 
 
 def _training(root: zarr.Group, busy: dict) -> list[dict]:
-    runs = root.get("runs")
     out = []
-    for digest in sorted(runs.group_keys()) if runs is not None else []:
-        group = runs[digest]
+    for digest, group in store.configurations(root):
         a = group.attrs.asdict()
-        done = [group[k].attrs.asdict() for k in sorted(group.group_keys())
-                if k.startswith("run-") and group[k].attrs.get("complete")]
+        done = [run.attrs.asdict() for run in store.runs_of(group, complete=True).values()]
         tests = [r["metrics"]["test"][r["score"]] for r in done]
         out.append({"config_hash": digest, "reps": "+".join(a.get("reps", [])), "layer_set": a.get("layer_set"),
                     "label": a.get("label"), "model": a.get("model"), "runs_done": len(done),

@@ -53,13 +53,11 @@ def collect(path: str) -> list[Config]:
     """Every configuration with at least one finished run, in a stable order."""
     root = store.open_root(path, validate=False)  # only runs/ is read: damaged root attrs do not matter here
     configs = []
-    with store.damaged_metadata_is_one_line(path, "runs/"):
-        runs = store.member(root, "runs")
-        for digest in sorted(runs.group_keys()) if runs is not None else []:
-            group = runs[digest]
-            done = sorted((k for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")))
+    with store.damaged_metadata_is_one_line(path, f"{store.RUNS}/"):
+        for digest, group in store.configurations(root):
+            done = store.runs_of(group, complete=True)
             if done:
-                configs.append(Config(digest, group.attrs.asdict(), [group[k].attrs.asdict() for k in done], group))
+                configs.append(Config(digest, group.attrs.asdict(), [run.attrs.asdict() for run in done.values()], group))
     if not configs:
         raise PipelineError(f"store {path} has no finished runs; run {quoted('train', path)} first")
     return sorted(configs, key=lambda c: (c.attrs["label"], c.attrs["model"], "+".join(c.attrs["reps"]), c.attrs["layer_set"]))
@@ -161,7 +159,7 @@ def _learning_curves(configs: list[Config], file: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
     for ax, config in zip(axes.flat, configs):
         for k, run in enumerate(config.runs):
-            g = config.group[f"run-{run['run']:03d}"]
+            g = config.group[store.run_key(run["run"])]
             epochs = store.read_array(g, "epoch")
             ax.plot(epochs, store.read_array(g, "train_score"), color="tab:blue", alpha=0.4, lw=0.8, label="train" if k == 0 else None)
             ax.plot(epochs, store.read_array(g, "val_score"), color="tab:orange", alpha=0.6, lw=0.8, label="val" if k == 0 else None)
@@ -181,7 +179,8 @@ def _learning_curves(configs: list[Config], file: Path) -> None:
 def _confusion(config: Config, file: Path) -> None:
     import matplotlib.pyplot as plt
 
-    total = sum(store.read_array(config.group, f"run-{run['run']:03d}/test_confusion") for run in config.runs).astype(np.float64)
+    total = sum(store.read_array(config.group, f"{store.run_key(run['run'])}/test_confusion")
+                for run in config.runs).astype(np.float64)
     share = total / np.maximum(total.sum(1, keepdims=True), 1)
     classes = config.attrs["classes"]
     size = max(4.0, 0.45 * len(classes) + 2)

@@ -593,6 +593,52 @@ def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtyp
     )
 
 
+# --- runs/: one group per trained configuration (runs/<config hash>), one per run in it (run-NNN) ---------
+
+
+RUNS = "runs"
+
+
+def run_key(run: int) -> str:
+    """The name of run ``run``'s group in its configuration's: ``run-000``, ``run-001``..."""
+    return f"run-{run:03d}"
+
+
+def run_path(digest: str, run: int | None = None) -> str:
+    """``runs/<digest>``, the group of the configuration with that hash, or ``runs/<digest>/run-NNN``, one of its runs."""
+    return f"{RUNS}/{digest}" if run is None else f"{RUNS}/{digest}/{run_key(run)}"
+
+
+def run_number(name: str) -> int | None:
+    """The run a child of ``runs/<digest>`` holds, or None when ``name`` is not a run's group."""
+    digits = name.removeprefix("run-")
+    return int(digits) if name.startswith("run-") and digits.isdigit() else None
+
+
+def configurations(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """(config hash, group) of every trained configuration, by hash; none without ``runs/``.
+
+    Damaged metadata of ``runs/`` itself is one line (``member``); of a configuration or a run below it, zarr's
+    ValueError or TypeError, for the caller to name (``damaged_metadata_is_one_line``).
+    """
+    runs = member(root, RUNS)
+    return [(digest, runs[digest]) for digest in sorted(runs.group_keys())] if runs is not None else []
+
+
+def runs_of(group: zarr.Group, complete: bool = False) -> dict[int, zarr.Group]:
+    """The runs of one configuration (its ``runs/<digest>`` group), by run number, in run order;
+    ``complete``: only those marked complete."""
+    runs = {}
+    for name in group.group_keys():
+        run = run_number(name)
+        if run is None:
+            continue
+        node = group[name]
+        if not complete or node.attrs.get("complete"):
+            runs[run] = node
+    return dict(sorted(runs.items()))
+
+
 # --- chunk integrity: manifests, and reads that refuse what is absent or damaged ------------------------
 
 

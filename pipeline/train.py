@@ -359,10 +359,6 @@ def config_hash(config: dict) -> str:
     return provenance.content_hash(config, length=16)
 
 
-def run_key(run: int) -> str:
-    return f"run-{run:03d}"
-
-
 def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[int]:
     """``todo`` plus the finished runs that were trained in one ensemble with any of them.
 
@@ -370,21 +366,19 @@ def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[i
     whole batches: a crash between two runs' marks is repaired to exactly what a clean run writes.
     """
     wanted = set(todo)
-    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
-        group = store.member(root, f"runs/{digest}")
-        for key in group.group_keys() if group is not None and todo else ():
-            batch = group[key].attrs.get("batch") if key.startswith("run-") else None
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), store.run_path(digest)):
+        group = store.member(root, store.run_path(digest))
+        for run in store.runs_of(group).values() if group is not None and todo else ():
+            batch = run.attrs.get("batch")
             if batch and wanted & set(batch):
                 wanted |= set(batch)
     return sorted(wanted)
 
 
 def finished_runs(root: zarr.Group, digest: str) -> set[int]:
-    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
-        group = store.member(root, f"runs/{digest}")
-        if group is None:
-            return set()
-        return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), store.run_path(digest)):
+        group = store.member(root, store.run_path(digest))
+        return set() if group is None else set(store.runs_of(group, complete=True))
 
 
 # --- metrics and the runs written -----------------------------------------------------------------------
@@ -423,7 +417,7 @@ def _write_array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
 def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
                seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
     """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
-    group = root.require_group(f"runs/{digest}")
+    group = root.require_group(store.run_path(digest))
     configuration = {
         "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
         "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
@@ -439,7 +433,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
         predictions = (test_out[..., 0] * std + mean).cpu().numpy()
         truth = data.y["test"]
     for r, (run, seed) in enumerate(zip(runs, seeds)):
-        key = f"runs/{digest}/{run_key(run)}"
+        key = store.run_path(digest, run)
         store.mark_incomplete(root, key)
         g = root.require_group(key)
         epochs = len(ens.curves["lr"][r])
@@ -454,7 +448,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                          {"classes": data.classes})
     # The marks last and back to back: a kill between two marks of one batch redoes the batch, so keep that window short.
     for r, (run, seed) in enumerate(zip(runs, seeds)):
-        key, epochs = f"runs/{digest}/{run_key(run)}", len(ens.curves["lr"][r])
+        key, epochs = store.run_path(digest, run), len(ens.curves["lr"][r])
         store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
@@ -544,8 +538,7 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
         finally:
             lease.release()
     score = "accuracy" if data.task == "classification" else "r2"
-    group = root[f"runs/{digest}"]
-    values = [group[run_key(r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
+    values = [root[store.run_path(digest, r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
     return ConfigResult(setup, digest, todo, sorted(done & set(range(config.runs))), seconds, float(np.mean(values)), score,
                         data.width)
 
