@@ -460,7 +460,7 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
     if source is None and config.source is None:
         from .synthetic import builtin_dataset
 
-        config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
+        config = replace(config, source=str(builtin_dataset()))
     source = source or open_source(config.source, config.labels_csv, quiet=config.quiet)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from .errors import PipelineError
 from .provenance import content_hash
-from .loraws import LoraModule, matrix_column, write_dataset
+from .loraws import LoraModule, builtin_home, matrix_column, write_dataset
 
 ZOO_VERSION = 1  # bump when the adapters a config produces change
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -398,7 +398,7 @@ def build_zoo(out: str | Path, config: ZooConfig = ZooConfig(), workers: int | N
     if out.exists():
         raise PipelineError(f"{out} already exists; choose another --out or remove it")
     started = time.perf_counter()
-    cache_dir = Path(cache_dir or Path(builtin_home()) / "zoo-base")
+    cache_dir = Path(cache_dir or builtin_home() / "zoo-base")
     work = _work_folder(out, config)
     base, base_summary = base_model(config, cache_dir, progress("base", config.base_steps) if progress else None)
     folder = work / "adapters"
@@ -422,10 +422,6 @@ def build_zoo(out: str | Path, config: ZooConfig = ZooConfig(), workers: int | N
 # --- zoo:digits as a source -----------------------------------------------------------------------------
 
 
-def builtin_home() -> str:
-    return os.environ.get("PIPELINE_BUILTIN_HOME", "stores/builtin")
-
-
 def parse_uri(uri: str) -> ZooConfig:
     """``zoo:digits`` or ``zoo:digits?n=50&steps=100`` -> its config (fields of ZooConfig)."""
     name, _, query = uri.removeprefix("zoo:").partition("?")
@@ -446,7 +442,7 @@ def parse_uri(uri: str) -> ZooConfig:
 def builtin_zoo(uri: str, progress=None) -> Path:
     """The zoo named by ``uri``, built under ``stores/builtin/`` (or $PIPELINE_BUILTIN_HOME) on first use."""
     config = parse_uri(uri)
-    path = Path(builtin_home()) / f"zoo-digits-v{ZOO_VERSION}-n{config.n}-r{config.rank}-s{config.seed}-{config.digest()[:8]}"
+    path = builtin_home() / f"zoo-digits-v{ZOO_VERSION}-n{config.n}-r{config.rank}-s{config.seed}-{config.digest()[:8]}"
     if not path.exists():
         build_zoo(path, config, progress=progress)
     return path
