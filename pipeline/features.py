@@ -161,9 +161,9 @@ def run_task(task: Task) -> tuple[int, int]:
         if not np.isfinite(values).all():
             raise PipelineError(f"representation {name!r} produced NaN or Inf on {task.split} models {task.start}-{task.stop}; "
                                 "this is a bug in the representation: report it")
-        features[name][task.start:task.stop] = values
+        store.writable(features[name])[task.start:task.stop] = values
     for name in outputs:  # the flags follow the data
-        features[f"_progress/{name}"][task.chunk] = 1
+        store.writable(features[f"_progress/{name}"])[task.chunk] = 1
     return nbytes, len(task.modules)
 
 
@@ -212,7 +212,7 @@ def _write_coordinates(root: zarr.Group, split: str, attrs: dict) -> zarr.Group:
         if name not in features:
             try:
                 array = features.create_array(name, shape=(len(values),), dtype=str, dimension_names=(name,),
-                                              compressors=store.small_compressors())
+                                              compressors=store.small_compressors(), config=store.WRITE_EVERY_CHUNK)
             except ContainsArrayError:  # another process made it a moment ago; it writes the same values
                 continue
             array[:] = np.array(values)

@@ -28,9 +28,6 @@ def _logical_bytes(root: zarr.Group) -> int:
 
 def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> dict:
     """Per representation found in the store: its state and stamp per split, and its bytes."""
-    # The registry is the representations' torch functions: loaded only when there is a stamp to judge against it.
-    from . import representations
-
     fingerprint = attrs["source"]["fingerprint"]
     out: dict = {}
     for split in attrs["splits"]:
@@ -40,6 +37,9 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
         for name in sorted(k for k in features.array_keys() if k not in ("layer", "module")):
             array = features[name]
             a = array.attrs.asdict()
+            # The registry is the representations' torch functions: loaded only when there is a stamp to judge by it.
+            from . import representations
+
             try:
                 state = provenance.rep_state(array, representations.get(name), fingerprint)
             except PipelineError:  # a representation this version does not know (renamed, or from a newer version)

@@ -417,7 +417,7 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
     if p.id_column:
         ids = table.column(p.id_column).take(take).to_numpy(zero_copy_only=False).astype(str)
         root.create_array(f"{index}/model_id", shape=(n,), dtype=str, dimension_names=("model",), compressors=store.small_compressors(),
-                          attributes={"column": p.id_column}, overwrite=True)[:] = ids
+                          attributes={"column": p.id_column}, overwrite=True, config=store.WRITE_EVERY_CHUNK)[:] = ids
     store.mark_complete(root, index)
     keys = store.label_keys(p.labels)
     path = f"labels/{split.name}"

@@ -54,10 +54,11 @@ MANIFEST = "chunks"
 
 # zarr's default (write_empty_chunks false) skips a chunk equal to the fill value, so an absent chunk
 # file would read back as zeros and could be either "all zeros" or "deleted". Writing every chunk
-# makes absence always damage. It is a runtime setting, not stored in the array's metadata, so it is
-# set here, for the whole process (dask workers import this module too), rather than per create_array:
-# an array reopened later (features writing its region, materialize resuming) would not carry it.
-zarr.config.set({"array.write_empty_chunks": True})
+# makes absence always damage. It is a runtime setting of an array object, not stored in the array's
+# metadata: every array this package writes is created with it (``config=WRITE_EVERY_CHUNK``) or, when
+# reopened (features writing its region, materialize resuming), written through ``writable``. zarr's
+# process-wide default is left as the user has it.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 # Root attributes every command relies on, with their JSON type (docs/store-format.md).
 REQUIRED_ATTRS = {"source": dict, "layout": dict, "modules": list, "layers": list, "splits": dict, "labels": dict,
@@ -500,7 +501,7 @@ def _copy_arrays(source: zarr.Group, names: list[str], target: zarr.Group, path:
         array = source[name]
         copy = target.create_array(f"{path}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
                                    dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
-                                   attributes=array.attrs.asdict())
+                                   attributes=array.attrs.asdict(), config=WRITE_EVERY_CHUNK)
         copy[...] = read(array)  # an absent or damaged chunk of the base is refused, not copied as zeros
     mark_complete(target, path)
 
@@ -578,18 +579,25 @@ def mark_incomplete(root: zarr.Group, path: str) -> None:
         update_attrs(group, {"complete": False, MANIFEST: None})  # its chunks are rewritten: the manifest with them
 
 
+def writable(array: zarr.Array) -> zarr.Array:
+    """``array`` as this package writes it: every chunk stored, even one equal to the fill value (WRITE_EVERY_CHUNK)."""
+    return array.with_config(WRITE_EVERY_CHUNK)
+
+
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
-    """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
+    """The array at ``path`` with this shape, chunking and dtype, to write (``writable``): reused if it already
+    is, else (re)allocated."""
     try:
         existing = member(root, path)
     except PipelineError:  # damaged metadata (verify --repair reset its group): allocate it afresh
         existing = None
     if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
             and existing.dtype == np.dtype(dtype):
-        return existing
+        return writable(existing)
     return root.create_array(
         path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims,
         compressors=compressors if compressors is not None else small_compressors(), attributes=attrs or {}, overwrite=True,
+        config=WRITE_EVERY_CHUNK,
     )
 
 

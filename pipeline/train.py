@@ -410,7 +410,7 @@ def _write_array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
     values = np.asarray(values)
     array = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=values.dtype,
                                dimension_names=dims, compressors=store.small_compressors(), attributes=attrs or {},
-                               overwrite=True)
+                               overwrite=True, config=store.WRITE_EVERY_CHUNK)
     array[...] = values
 
 
@@ -591,8 +591,8 @@ def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
 def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
     from dask.distributed import as_completed
 
-    client, local = cluster.client_for(config.scheduler, config.workers, config.dashboard)
-    try:
+    with cluster.Session(config.scheduler, config.workers, config.dashboard) as session:
+        client = session.client()
         futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
         results: list = [None] * len(setups)
         for future in as_completed(futures):
@@ -600,10 +600,6 @@ def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> li
             if on_result:
                 on_result(result)
         return results
-    finally:
-        client.close()
-        if local is not None:
-            local.close()
 
 
 def _task_result(future, setup: Setup) -> ConfigResult:

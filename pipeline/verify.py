@@ -429,7 +429,7 @@ def repair(path: str, problems: list[Problem]) -> list[str]:
         elif kind == "flag":
             _, features_path, name, chunk = problem.reset
             features = root[features_path]
-            features[f"_progress/{name}"][chunk] = 0
+            store.writable(features[f"_progress/{name}"])[chunk] = 0  # a chunk of 0s, stored like any other
             store.update_attrs(features[name], {"complete": False, store.MANIFEST: None})
     order = {"pipeline materialize": 0, "pipeline features": 1, "pipeline train": 2, "pipeline verify": 3}
     commands = sorted({p.repair for p in problems if p.repair.startswith("pipeline ")},

@@ -328,7 +328,7 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
     """
     from dask.distributed import as_completed
 
-    from .cluster import client_for, scheduler_address
+    from .cluster import Session, scheduler_address
 
     if workers == 0 and not scheduler_address(scheduler):
         for index in todo:
@@ -336,8 +336,8 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
             if progress:
                 progress(1)
         return
-    client, cluster = client_for(scheduler, workers or os.cpu_count() or 1)
-    try:
+    with Session(scheduler, workers or os.cpu_count() or 1) as session:
+        client = session.client()
         shared = client.scatter(base, broadcast=True)
         futures = client.map(train_adapter, todo, config=config, base=shared, pure=False)
         for future in as_completed(futures):
@@ -345,10 +345,6 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
             _save_adapter(folder, adapter)
             if progress:
                 progress(1)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _tables(adapters: list[Path], modules: list[LoraModule], rank: int):
