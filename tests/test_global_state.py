@@ -84,3 +84,24 @@ def test_stages_leave_global_state_as_they_found_it(tmp_path):
     before, imported, after = lines
     assert before == imported == after
     assert (tmp_path / "report" / "results.csv").is_file()
+
+
+def test_every_chunk_is_written_though_zarr_default_skips_fill_values(tmp_path):
+    """The integrity guarantee without the process-wide setting: an array the pipeline writes, created or reopened,
+    stores a chunk equal to the fill value; the same write through a plain zarr array would leave no file."""
+    import numpy as np
+    import zarr
+
+    from pipeline import store
+
+    assert zarr.config.get("array.write_empty_chunks") is False  # zarr's default, as this process has it
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    chunk = tmp_path / "s.zarr" / "a" / "c" / "0"
+    store.require_array(root, "a", (4,), (2,), "float32", ("model",))[:] = np.zeros(4, np.float32)  # created
+    assert chunk.is_file()
+    chunk.unlink()
+    root["a"][:2] = 0  # plain zarr: a chunk of fill values is not stored
+    assert not chunk.exists()
+    store.require_array(root, "a", (4,), (2,), "float32", ("model",))[:2] = 0  # reused: written through writable
+    assert chunk.is_file()
+    assert zarr.config.get("array.write_empty_chunks") is False
