@@ -171,8 +171,8 @@ def main() -> None:
         summary = train(TrainConfig(**{**config.__dict__, "reps": rep}))
         seconds_b = time.perf_counter() - started
         result = summary.results[0]
-        group = store_mod.open_root(path)[f"runs/{result.config_hash}"]
-        accs_b = [group[f"run-{r:03d}"].attrs["metrics"]["test"]["accuracy"] for r in range(args.runs)]
+        runs = store_mod.runs_of(store_mod.open_root(path)[store_mod.run_path(result.config_hash)])
+        accs_b = [runs[r].attrs["metrics"]["test"]["accuracy"] for r in range(args.runs)]
         rows.append((rep, data.width, seconds_a, seconds_b, [o["test_last"] for o in originals],
                      [o["test_best"] for o in originals], accs_b))
         print(f"{rep:15} a {seconds_a:8.1f} s   b {seconds_b:8.1f} s   a/b {seconds_a / seconds_b:6.1f}", flush=True)

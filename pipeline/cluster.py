@@ -44,6 +44,7 @@ def client_for(scheduler: str | None, workers: int | None, dashboard: bool = Fal
     worker with a thread per core (no start-up cost; torch releases the GIL in its kernels). A local
     cluster talks over inproc:// or 127.0.0.1 and opens no HTTP port, except the dashboard when
     ``dashboard`` (on 127.0.0.1; its address goes to stderr). A remote scheduler is only connected to.
+    The stages open one through ``Session``.
     """
     from dask.distributed import Client
 
@@ -54,9 +55,6 @@ def client_for(scheduler: str | None, workers: int | None, dashboard: bool = Fal
     if address and dashboard:
         raise PipelineError(f"--dashboard starts the dashboard of a local cluster; the scheduler at {address} "
                             "serves its own (drop --dashboard, or --scheduler and $DASK_SCHEDULER_ADDRESS)")
-    # Task failures reach the user as their exception (one line, by the CLI); distributed's own
-    # "Compute Failed" blocks and close-time tracebacks would only bury it.
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     if address:
         return _connect(address), None
     options = dict(dashboard_address=DASHBOARD_ADDRESS if dashboard else None, silence_logs=logging.CRITICAL)
@@ -74,15 +72,21 @@ def client_for(scheduler: str | None, workers: int | None, dashboard: bool = Fal
 
 
 class Session:
-    """A stage's dask client, made once and closed at exit.
+    """A stage's dask client, made once and closed at exit: the one way the stages (features, train, zoo) use dask.
 
     A remote scheduler is reached at construction, so an unreachable one is refused before the caller
     changes anything in the store; a local cluster starts on first use (not at all when nothing is to do).
+    While a client is open the "distributed" logger is quiet: task failures reach the user as their
+    exception (one line, by the CLI), and distributed's own "Compute Failed" blocks and close-time
+    tracebacks would only bury it. Its level is given back at close.
     """
 
     def __init__(self, scheduler: str | None, workers: int | None, dashboard: bool = False):
         self._args = (scheduler, workers, dashboard)
-        self._client, self.cluster = (client_for(*self._args) if scheduler_address(scheduler) else (None, None))
+        self._client = self.cluster = None
+        self._log_level: int | None = None  # the "distributed" logger's level before the client, while one is open
+        if scheduler_address(scheduler):
+            self.client()
 
     @property
     def local(self) -> bool:
@@ -91,15 +95,30 @@ class Session:
 
     def client(self):
         if self._client is None:
-            self._client, self.cluster = client_for(*self._args)
+            logger = logging.getLogger("distributed")
+            self._log_level = logger.level
+            logger.setLevel(logging.CRITICAL)
+            try:
+                self._client, self.cluster = client_for(*self._args)
+            except BaseException:
+                self._restore_log_level()
+                raise
         return self._client
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        if self.cluster is not None:
-            self.cluster.close()
-        self._client = self.cluster = None
+        try:
+            if self._client is not None:
+                self._client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            self._client = self.cluster = None
+            self._restore_log_level()
+
+    def _restore_log_level(self) -> None:
+        if self._log_level is not None:
+            logging.getLogger("distributed").setLevel(self._log_level)
+            self._log_level = None
 
     def __enter__(self) -> "Session":
         return self

@@ -20,7 +20,7 @@ import torch
 import zarr
 from zarr.errors import ContainsArrayError
 
-from . import __version__, leases, representations, store
+from . import leases, provenance, representations, store
 from . import cluster as cluster_mod
 from .commands import quoted
 from .errors import PipelineError, disk_full
@@ -161,9 +161,9 @@ def run_task(task: Task) -> tuple[int, int]:
         if not np.isfinite(values).all():
             raise PipelineError(f"representation {name!r} produced NaN or Inf on {task.split} models {task.start}-{task.stop}; "
                                 "this is a bug in the representation: report it")
-        features[name][task.start:task.stop] = values
+        store.writable(features[name])[task.start:task.stop] = values
     for name in outputs:  # the flags follow the data
-        features[f"_progress/{name}"][task.chunk] = 1
+        store.writable(features[f"_progress/{name}"])[task.chunk] = 1
     return nbytes, len(task.modules)
 
 
@@ -196,27 +196,11 @@ def _splits(attrs: dict, wanted: str) -> list[str]:
     return chosen
 
 
-def _stamp(rep, fingerprint: str) -> dict:
-    return {"spec": rep.spec(), "spec_hash": rep.spec_hash(), "source_fingerprint": fingerprint,
-            "code_version": __version__, "kind": rep.kind}
-
-
-def rep_state(features: zarr.Group, rep, fingerprint: str) -> str:
-    """'fresh' (complete and up to date), 'partial' (same spec, unfinished) or 'stale' (absent or different)."""
-    node = store.member(features, rep.name)
-    if node is None:
-        return "stale"
-    attrs = node.attrs.asdict()
-    if attrs.get("spec_hash") != rep.spec_hash() or attrs.get("source_fingerprint") != fingerprint:
-        return "stale"
-    return "fresh" if attrs.get("complete") else "partial"
-
-
 def _allocate(features: zarr.Group, rep, n: int, chunk: int, n_chunks: int, axis: str, axis_len: int, fingerprint: str) -> None:
     features.create_array(
         rep.name, shape=(n, axis_len, rep.width), chunks=(chunk, axis_len, rep.width), dtype="float32", fill_value=0,
         dimension_names=("model", axis, f"{rep.name}_feature"), compressors=store.small_compressors(),
-        attributes={**_stamp(rep, fingerprint), "complete": False}, overwrite=True,
+        attributes={**provenance.rep_stamp(rep, fingerprint), "complete": False}, overwrite=True,
     )
     features.create_array(f"_progress/{rep.name}", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
                           dimension_names=("chunk",), compressors=store.small_compressors(), overwrite=True)
@@ -228,7 +212,7 @@ def _write_coordinates(root: zarr.Group, split: str, attrs: dict) -> zarr.Group:
         if name not in features:
             try:
                 array = features.create_array(name, shape=(len(values),), dtype=str, dimension_names=(name,),
-                                              compressors=store.small_compressors())
+                                              compressors=store.small_compressors(), config=store.WRITE_EVERY_CHUNK)
             except ContainsArrayError:  # another process made it a moment ago; it writes the same values
                 continue
             array[:] = np.array(values)
@@ -289,14 +273,15 @@ def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location:
         for rep in reps:
             if only is not None and (split, rep.name) not in only:
                 continue
-            if not config.force and rep_state(features, rep, fingerprint) == "fresh":
+            if not config.force and provenance.rep_state(store.member(features, rep.name), rep, fingerprint) == "fresh":
                 plan.fresh.setdefault(split, []).append(rep.name)
                 continue
             lease = leases.Lease(root.store, f"features/{split}/{rep.name}")
             if not lease.acquire():
                 plan.deferred[(split, rep.name)] = lease.holder
                 continue
-            state = "stale" if config.force else rep_state(features, rep, fingerprint)  # again: it may have just finished
+            # Again, now that the lease is ours: its last holder may have just finished it.
+            state = "stale" if config.force else provenance.rep_state(store.member(features, rep.name), rep, fingerprint)
             if state == "fresh":
                 lease.release()
                 plan.fresh.setdefault(split, []).append(rep.name)
@@ -322,8 +307,8 @@ def _finish(config: FeaturesConfig, computed: dict) -> None:
         features = root[f"features/{split}"]
         for name in names:
             if features[f"_progress/{name}"][:].all():  # the mark records the chunk manifest, in the same write
-                store.mark_array_complete(features[name], created_by=store.provenance()["by"],
-                                          created_at=store.provenance()["at"])
+                stamp = provenance.stamp()
+                store.mark_array_complete(features[name], created_by=stamp["by"], created_at=stamp["at"])
 
 
 def _task_result(future, task: Task, location: str):

@@ -6,15 +6,13 @@ configuration, and sizes. ``summary`` gives it as a JSON-ready dict (``pipeline 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import zarr
 
-from . import leases, representations, store
+from . import leases, provenance, store
 from .commands import quoted
 from .errors import PipelineError
-from .features import rep_state
 
 
 def _logical_bytes(root: zarr.Group) -> int:
@@ -39,8 +37,11 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
         for name in sorted(k for k in features.array_keys() if k not in ("layer", "module")):
             array = features[name]
             a = array.attrs.asdict()
+            # The registry is the representations' torch functions: loaded only when there is a stamp to judge by it.
+            from . import representations
+
             try:
-                state = rep_state(features, representations.get(name), fingerprint)
+                state = provenance.rep_state(array, representations.get(name), fingerprint)
             except PipelineError:  # a representation this version does not know (renamed, or from a newer version)
                 state = "unknown"
             state = {"partial": "incomplete"}.get(state, state)
@@ -60,18 +61,14 @@ def _representations(root: zarr.Group, attrs: dict, path: str, busy: dict) -> di
 
 
 def _holder(h) -> dict:
-    return {"by": h.by, "pid": h.pid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.since)),
-            "lease_expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.expires))}
+    return {"by": h.by, "pid": h.pid, "since": provenance.utc_stamp(h.since), "lease_expires": provenance.utc_stamp(h.expires)}
 
 
 def _training(root: zarr.Group, busy: dict) -> list[dict]:
-    runs = root.get("runs")
     out = []
-    for digest in sorted(runs.group_keys()) if runs is not None else []:
-        group = runs[digest]
+    for digest, group in store.configurations(root):
         a = group.attrs.asdict()
-        done = [group[k].attrs.asdict() for k in sorted(group.group_keys())
-                if k.startswith("run-") and group[k].attrs.get("complete")]
+        done = [run.attrs.asdict() for run in store.runs_of(group, complete=True).values()]
         tests = [r["metrics"]["test"][r["score"]] for r in done]
         out.append({"config_hash": digest, "reps": "+".join(a.get("reps", [])), "layer_set": a.get("layer_set"),
                     "label": a.get("label"), "model": a.get("model"), "runs_done": len(done),

@@ -38,7 +38,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from . import store
+from . import provenance, store
 
 ROOT = store.LEASES
 DEFAULT_TTL = 60.0  # seconds without renewal after which a lease is free to take
@@ -70,7 +70,7 @@ class Holder:
     def describe(self) -> str:
         if self.damaged:
             return "held by nobody (its lease file is damaged and is taken over)"
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
+        since = provenance.utc_stamp(self.since)
         return f"being computed by {self.by} (pid {self.pid}) since {since}"
 
 
@@ -233,7 +233,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
-        stamp = store.provenance()
+        stamp = provenance.stamp()
         return {"by": stamp["by"], "host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "since": self._since,
                 "expires": time.time() + self.ttl}
 

@@ -3,12 +3,14 @@
 One row per adapter: a ``list<list<float32>>`` column per safetensors key (``<module>.lora.down.weight``
 (rank, in) and ``<module>.lora.up.weight`` (out, rank)), then ``category_label``, ``category_name``,
 ``num_images`` and ``rank``. ``pipeline synth`` and ``pipeline zoo`` both write it through ``write_dataset``,
-so their datasets are column for column alike.
+so their datasets are column for column alike; both built-in datasets (the synthetic one and ``zoo:digits``) are
+made once under ``builtin_home()``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +23,12 @@ from datasets.arrow_writer import ArrowWriter
 
 SHARD_BYTES = 500 * 2**20  # save_to_disk's default shard size
 SCALAR_COLUMNS = ("category_label", "category_name", "num_images", "rank")
+BUILTIN_HOME = "stores/builtin"
+
+
+def builtin_home() -> Path:
+    """Where the built-in datasets are generated once, then reused: $PIPELINE_BUILTIN_HOME, else stores/builtin."""
+    return Path(os.environ.get("PIPELINE_BUILTIN_HOME") or BUILTIN_HOME)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import arrowio, leases, store
+from . import arrowio, leases, provenance, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
@@ -272,7 +272,7 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
         "ignored_columns": p.ignored,
         "chunk_models": p.chunk_models,
         "materialize_config": recorded_config(config),
-        "created": store.provenance(),
+        "created": provenance.stamp(),
     }
 
 
@@ -417,7 +417,7 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
     if p.id_column:
         ids = table.column(p.id_column).take(take).to_numpy(zero_copy_only=False).astype(str)
         root.create_array(f"{index}/model_id", shape=(n,), dtype=str, dimension_names=("model",), compressors=store.small_compressors(),
-                          attributes={"column": p.id_column}, overwrite=True)[:] = ids
+                          attributes={"column": p.id_column}, overwrite=True, config=store.WRITE_EVERY_CHUNK)[:] = ids
     store.mark_complete(root, index)
     keys = store.label_keys(p.labels)
     path = f"labels/{split.name}"
@@ -460,7 +460,7 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
     if source is None and config.source is None:
         from .synthetic import builtin_dataset
 
-        config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
+        config = replace(config, source=str(builtin_dataset()))
     source = source or open_source(config.source, config.labels_csv, quiet=config.quiet)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from matplotlib.figure import Figure
 
 from . import metrics, store
 from .commands import quoted
@@ -53,13 +54,11 @@ def collect(path: str) -> list[Config]:
     """Every configuration with at least one finished run, in a stable order."""
     root = store.open_root(path, validate=False)  # only runs/ is read: damaged root attrs do not matter here
     configs = []
-    with store.damaged_metadata_is_one_line(path, "runs/"):
-        runs = store.member(root, "runs")
-        for digest in sorted(runs.group_keys()) if runs is not None else []:
-            group = runs[digest]
-            done = sorted((k for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")))
+    with store.damaged_metadata_is_one_line(path, f"{store.RUNS}/"):
+        for digest, group in store.configurations(root):
+            done = store.runs_of(group, complete=True)
             if done:
-                configs.append(Config(digest, group.attrs.asdict(), [group[k].attrs.asdict() for k in done], group))
+                configs.append(Config(digest, group.attrs.asdict(), [run.attrs.asdict() for run in done.values()], group))
     if not configs:
         raise PipelineError(f"store {path} has no finished runs; run {quoted('train', path)} first")
     return sorted(configs, key=lambda c: (c.attrs["label"], c.attrs["model"], "+".join(c.attrs["reps"]), c.attrs["layer_set"]))
@@ -130,13 +129,16 @@ def _slug(text: str) -> str:
 # --- figures ---------------------------------------------------------------------------------------
 
 
-def _bar_chart(rows: list[dict], file: Path, chance: float | None) -> None:
-    import matplotlib.pyplot as plt
+# Each figure is a matplotlib Figure saved straight to PNG (savefig picks the Agg canvas for it): no pyplot, so a
+# report neither switches the process's matplotlib backend nor leaves figures in pyplot's registry.
 
+
+def _bar_chart(rows: list[dict], file: Path, chance: float | None) -> None:
     reps = list(dict.fromkeys(r["reps"] for r in rows))
     sets = list(dict.fromkeys(r["layer_set"] for r in rows))
     width = 0.8 / len(sets)
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(reps) * max(1, len(sets)) ** 0.5 + 2), 4.5))
+    fig = Figure(figsize=(max(6, 1.0 * len(reps) * max(1, len(sets)) ** 0.5 + 2), 4.5))
+    ax = fig.subplots()
     for j, layer_set in enumerate(sets):
         cells = {r["reps"]: r for r in rows if r["layer_set"] == layer_set}
         xs = [i + (j - (len(sets) - 1) / 2) * width for i, rep in enumerate(reps) if rep in cells]
@@ -150,18 +152,16 @@ def _bar_chart(rows: list[dict], file: Path, chance: float | None) -> None:
     ax.legend(title="layers")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
-    plt.close(fig)
 
 
 def _learning_curves(configs: list[Config], file: Path) -> None:
-    import matplotlib.pyplot as plt
-
     cols = min(4, len(configs))
     rows = -(-len(configs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    fig = Figure(figsize=(3.6 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, config in zip(axes.flat, configs):
         for k, run in enumerate(config.runs):
-            g = config.group[f"run-{run['run']:03d}"]
+            g = config.group[store.run_key(run["run"])]
             epochs = store.read_array(g, "epoch")
             ax.plot(epochs, store.read_array(g, "train_score"), color="tab:blue", alpha=0.4, lw=0.8, label="train" if k == 0 else None)
             ax.plot(epochs, store.read_array(g, "val_score"), color="tab:orange", alpha=0.6, lw=0.8, label="val" if k == 0 else None)
@@ -175,17 +175,16 @@ def _learning_curves(configs: list[Config], file: Path) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=100)
-    plt.close(fig)
 
 
 def _confusion(config: Config, file: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    total = sum(store.read_array(config.group, f"run-{run['run']:03d}/test_confusion") for run in config.runs).astype(np.float64)
+    total = sum(store.read_array(config.group, f"{store.run_key(run['run'])}/test_confusion")
+                for run in config.runs).astype(np.float64)
     share = total / np.maximum(total.sum(1, keepdims=True), 1)
     classes = config.attrs["classes"]
     size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
@@ -195,7 +194,6 @@ def _confusion(config: Config, file: Path) -> None:
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
-    plt.close(fig)
 
 
 @dataclass
@@ -208,9 +206,6 @@ class ReportSummary:
 
 def write_report(path: str, out: str | Path | None = None) -> ReportSummary:
     """Read the store's runs; write results.md, results.csv and the figures into ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     configs = collect(path)
     rows = [row(c) for c in configs]
     chosen = Path(out) if out else default_out(path)

@@ -13,8 +13,6 @@ deterministic, picklable (module-level functions, frozen dataclass parameters) a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import PipelineError
+from .provenance import content_hash
 
 EPS = 1e-8  # the original experiment's guard, kept wherever it changes the numbers
 _HIST_BINS = 50
@@ -124,8 +123,7 @@ class Representation:
         return {"name": self.name, "version": self.version, "configuration": dataclasses.asdict(self.params)}
 
     def spec_hash(self) -> str:
-        text = json.dumps(self.spec(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_hash(self.spec(), length=16)
 
     def __call__(self, *tensors):
         if self.kind == "tensor":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import hashlib
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from safetensors import safe_open
 
 from .errors import PipelineError
+from .provenance import content_hash, digest
 
 LABELS_CSV_NAMES = ("labels.csv", "metadata.csv")
 
@@ -46,7 +46,7 @@ class Source:
 
 
 def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return content_hash(payload, length=32, default=str)  # 32, str: the fingerprints stores hold
 
 
 def _fingerprint_of(splits: dict[str, datasets.Dataset], kind: str, extra=None) -> str:
@@ -430,7 +430,7 @@ def _open_safetensors_folder(folder: Path, labels_csv: str | None) -> Source:
             yield row
 
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    fingerprint = _digest({"kind": "safetensors", "files": stats, "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest()})
+    fingerprint = _digest({"kind": "safetensors", "files": stats, "csv": digest(csv_path.read_bytes(), length=64)})
     with _reading(f"the safetensors adapters in {folder}"):
         dataset = datasets.Dataset.from_generator(
             rows, features=datasets.Features(features), gen_kwargs={"paths": [str(f) for f in files]}, fingerprint=fingerprint

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import itertools
 import json
 import os
 import shutil
 import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from .commands import materialize_args, quoted
 from .errors import PipelineError
 from .layers import safe_key
+from .provenance import stamp
 
 FORMAT = "weightspace-pipeline-store"
 SCHEMA_VERSION = 2  # 2: bookkeeping in index/ (it shared labels/ in 1), a copy of the root attrs
@@ -55,10 +54,11 @@ MANIFEST = "chunks"
 
 # zarr's default (write_empty_chunks false) skips a chunk equal to the fill value, so an absent chunk
 # file would read back as zeros and could be either "all zeros" or "deleted". Writing every chunk
-# makes absence always damage. It is a runtime setting, not stored in the array's metadata, so it is
-# set here, for the whole process (dask workers import this module too), rather than per create_array:
-# an array reopened later (features writing its region, materialize resuming) would not carry it.
-zarr.config.set({"array.write_empty_chunks": True})
+# makes absence always damage. It is a runtime setting of an array object, not stored in the array's
+# metadata: every array this package writes is created with it (``config=WRITE_EVERY_CHUNK``) or, when
+# reopened (features writing its region, materialize resuming), written through ``writable``. zarr's
+# process-wide default is left as the user has it.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 # Root attributes every command relies on, with their JSON type (docs/store-format.md).
 REQUIRED_ATTRS = {"source": dict, "layout": dict, "modules": list, "layers": list, "splits": dict, "labels": dict,
@@ -89,11 +89,6 @@ def raw_compressors(codec: str, itemsize: int) -> list:
 
 def small_compressors() -> list:
     return [Crc32cCodec()]
-
-
-def provenance() -> dict:
-    """Who wrote something, when: the stamp every mark carries."""
-    return {"by": f"{getpass.getuser()}@{socket.gethostname()}", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def is_url(location: str | Path) -> bool:
@@ -441,7 +436,7 @@ def begin_replacing(path: str | Path, config: dict) -> None:
     replacement leaves a store that says what it is and how to finish it, never a dead end.
     """
     attrs = _root_attrs(path) or root_copy(path) or {"format": FORMAT, "schema_version": SCHEMA_VERSION}
-    _write_root(path, {**attrs, "replacing": {"materialize_config": config, **provenance()}})
+    _write_root(path, {**attrs, "replacing": {"materialize_config": config, **stamp()}})
 
 
 def clear(path: str | Path) -> None:
@@ -490,7 +485,7 @@ def writable_target(location: str, output: str | None) -> str:
         return output
     check_writable(output)
     attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}
-    mine = create_root(output, {**attrs, "created": provenance(), "base": {"store": str(location), "fingerprint": fingerprint}})
+    mine = create_root(output, {**attrs, "created": stamp(), "base": {"store": str(location), "fingerprint": fingerprint}})
     bookkeeping = ("row", "model_id")
     for split in attrs["splits"]:  # labels and index: small, and every reader of a store needs them
         labels = shared[f"labels/{split}"]
@@ -506,7 +501,7 @@ def _copy_arrays(source: zarr.Group, names: list[str], target: zarr.Group, path:
         array = source[name]
         copy = target.create_array(f"{path}/{name}", shape=array.shape, chunks=array.chunks, dtype=array.dtype,
                                    dimension_names=array.metadata.dimension_names, compressors=small_compressors(),
-                                   attributes=array.attrs.asdict())
+                                   attributes=array.attrs.asdict(), config=WRITE_EVERY_CHUNK)
         copy[...] = read(array)  # an absent or damaged chunk of the base is refused, not copied as zeros
     mark_complete(target, path)
 
@@ -570,7 +565,7 @@ def mark_complete(root: zarr.Group, path: str, **info) -> None:
     keys = {name: chunk_keys(array) for name, array in arrays.items()}
     tails = iter(_tails(group.store, [key for name in arrays for key in keys[name]]))
     manifests = {name: _manifest(array, keys[name], [next(tails) for _ in keys[name]]) for name, array in arrays.items()}
-    update_attrs(group, {"complete": True, MANIFEST: manifests, **provenance(), **info})
+    update_attrs(group, {"complete": True, MANIFEST: manifests, **stamp(), **info})
 
 
 def mark_array_complete(array: zarr.Array, **info) -> None:
@@ -584,19 +579,72 @@ def mark_incomplete(root: zarr.Group, path: str) -> None:
         update_attrs(group, {"complete": False, MANIFEST: None})  # its chunks are rewritten: the manifest with them
 
 
+def writable(array: zarr.Array) -> zarr.Array:
+    """``array`` as this package writes it: every chunk stored, even one equal to the fill value (WRITE_EVERY_CHUNK)."""
+    return array.with_config(WRITE_EVERY_CHUNK)
+
+
 def require_array(root: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype, dims: tuple, compressors=None, attrs=None) -> zarr.Array:
-    """The array at ``path`` with this shape, chunking and dtype: reused if it already is, else (re)allocated."""
+    """The array at ``path`` with this shape, chunking and dtype, to write (``writable``): reused if it already
+    is, else (re)allocated."""
     try:
         existing = member(root, path)
     except PipelineError:  # damaged metadata (verify --repair reset its group): allocate it afresh
         existing = None
     if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks) \
             and existing.dtype == np.dtype(dtype):
-        return existing
+        return writable(existing)
     return root.create_array(
         path, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims,
         compressors=compressors if compressors is not None else small_compressors(), attributes=attrs or {}, overwrite=True,
+        config=WRITE_EVERY_CHUNK,
     )
+
+
+# --- runs/: one group per trained configuration (runs/<config hash>), one per run in it (run-NNN) ---------
+
+
+RUNS = "runs"
+
+
+def run_key(run: int) -> str:
+    """The name of run ``run``'s group in its configuration's: ``run-000``, ``run-001``..."""
+    return f"run-{run:03d}"
+
+
+def run_path(digest: str, run: int | None = None) -> str:
+    """``runs/<digest>``, the group of the configuration with that hash, or ``runs/<digest>/run-NNN``, one of its runs."""
+    return f"{RUNS}/{digest}" if run is None else f"{RUNS}/{digest}/{run_key(run)}"
+
+
+def run_number(name: str) -> int | None:
+    """The run a child of ``runs/<digest>`` holds, or None when ``name`` is not a run's group."""
+    digits = name.removeprefix("run-")
+    return int(digits) if name.startswith("run-") and digits.isdigit() else None
+
+
+def configurations(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """(config hash, group) of every trained configuration, by hash; none without ``runs/``.
+
+    Damaged metadata of ``runs/`` itself is one line (``member``); of a configuration or a run below it, zarr's
+    ValueError or TypeError, for the caller to name (``damaged_metadata_is_one_line``).
+    """
+    runs = member(root, RUNS)
+    return [(digest, runs[digest]) for digest in sorted(runs.group_keys())] if runs is not None else []
+
+
+def runs_of(group: zarr.Group, complete: bool = False) -> dict[int, zarr.Group]:
+    """The runs of one configuration (its ``runs/<digest>`` group), by run number, in run order;
+    ``complete``: only those marked complete."""
+    runs = {}
+    for name in group.group_keys():
+        run = run_number(name)
+        if run is None:
+            continue
+        node = group[name]
+        if not complete or node.attrs.get("complete"):
+            runs[run] = node
+    return dict(sorted(runs.items()))
 
 
 # --- chunk integrity: manifests, and reads that refuse what is absent or damaged ------------------------

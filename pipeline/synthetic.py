@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import PipelineError
-from .loraws import LoraModule, matrix_column, write_dataset
+from .loraws import LoraModule, builtin_home, matrix_column, write_dataset
 
 CLASSES = ("airplane", "bird", "car", "cat", "dog", "fish", "fruit", "ship", "snake", "vegetable")
 CLASS_MEMBERS = {
@@ -132,14 +132,16 @@ def write_synthetic(out: str | Path, n: int = 1000, rank: int = 1, projections=(
 BUILTIN = {"n": 1000, "rank": 1, "projections": ("q", "v"), "seed": 0}
 
 
-def builtin_dataset(home: str | Path | None = None, quiet: bool = False) -> Path:
-    """The built-in default dataset: generated once under ``stores/builtin/``, then reused."""
-    import os
+def builtin_dataset(home: str | Path | None = None, on_generate=None) -> Path:
+    """The built-in default dataset: generated once under ``home`` (default ``loraws.builtin_home()``), then reused.
 
-    home = Path(home or os.environ.get("PIPELINE_BUILTIN_HOME", "stores/builtin"))
-    path = home / "lora-synth-v{version}-n{n}-r{rank}-qv-s{seed}".format(version=SYNTH_VERSION, **BUILTIN)
+    Silent; ``on_generate(path, n)`` is called just before the ``n`` adapters are generated (seconds), so that a
+    caller can say so.
+    """
+    name = "lora-synth-v{version}-n{n}-r{rank}-qv-s{seed}".format(version=SYNTH_VERSION, **BUILTIN)
+    path = Path(home or builtin_home()) / name
     if not path.exists():
-        if not quiet:
-            print(f"generating the built-in dataset ({BUILTIN['n']} synthetic adapters) in {path}")
+        if on_generate:
+            on_generate(path, BUILTIN["n"])
         write_synthetic(path, BUILTIN["n"], BUILTIN["rank"], BUILTIN["projections"], BUILTIN["seed"])
     return path

@@ -12,8 +12,6 @@ Only ``labels/``, ``features/`` and the root attrs are read; results go to ``run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
@@ -23,10 +21,10 @@ import numpy as np
 import torch
 import zarr
 
-from . import cluster, leases, metrics, representations, store
+from . import cluster, leases, metrics, provenance, representations, store
 from .commands import command, quoted
 from .errors import PipelineError, disk_full
-from .features import rep_state, resolve_device
+from .features import resolve_device
 from .model import Ensemble, Hyper, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
@@ -131,7 +129,7 @@ def feature_home(root: zarr.Group, name: str) -> zarr.Group:
     rep = representations.get(name)
     fingerprint = root.attrs["source"]["fingerprint"]
     groups = [root.get(f"features/{split}") for split in SPLITS]
-    if all(g is not None and rep_state(g, rep, fingerprint) == "fresh" for g in groups):
+    if all(g is not None and provenance.rep_state(store.member(g, name), rep, fingerprint) == "fresh" for g in groups):
         return root
     return store.open_root(base, mode="r")
 
@@ -241,7 +239,7 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
         group = store.member(root, f"features/{split}")
         if group is None:
             raise PipelineError(f"representation {name!r} is not computed yet; {fix}")
-        state = rep_state(group, rep, fingerprint)
+        state = provenance.rep_state(store.member(group, name), rep, fingerprint)
         if state != "fresh":
             what = {"partial": "only partly computed", "stale": "not computed yet or stale"}[state]
             if state == "stale" and name in group:
@@ -331,7 +329,7 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
         "source_fingerprint": root.attrs["source"]["fingerprint"],
         "reps": [{"name": n, "spec_hash": representations.get(n).spec_hash()} for n in setup.reps],
         "layer_set": setup.layer_set,
-        "layers_hash": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()[:16],
+        "layers_hash": provenance.digest("\n".join(layer_names).encode(), length=16),
         "label": config.label,
         "task": data.task,
         "model": config.model,
@@ -358,11 +356,7 @@ def train_command(store_path: str, config: dict, runs: int) -> str:
 
 def config_hash(config: dict) -> str:
     """sha256 of the sorted-key JSON of the configuration, first 16 hex digits."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_key(run: int) -> str:
-    return f"run-{run:03d}"
+    return provenance.content_hash(config, length=16)
 
 
 def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[int]:
@@ -372,21 +366,19 @@ def with_whole_batches(root: zarr.Group, digest: str, todo: list[int]) -> list[i
     whole batches: a crash between two runs' marks is repaired to exactly what a clean run writes.
     """
     wanted = set(todo)
-    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
-        group = store.member(root, f"runs/{digest}")
-        for key in group.group_keys() if group is not None and todo else ():
-            batch = group[key].attrs.get("batch") if key.startswith("run-") else None
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), store.run_path(digest)):
+        group = store.member(root, store.run_path(digest))
+        for run in store.runs_of(group).values() if group is not None and todo else ():
+            batch = run.attrs.get("batch")
             if batch and wanted & set(batch):
                 wanted |= set(batch)
     return sorted(wanted)
 
 
 def finished_runs(root: zarr.Group, digest: str) -> set[int]:
-    with store.damaged_metadata_is_one_line(store.location_of(root.store), f"runs/{digest}"):
-        group = store.member(root, f"runs/{digest}")
-        if group is None:
-            return set()
-        return {int(k.split("-")[1]) for k in group.group_keys() if k.startswith("run-") and group[k].attrs.get("complete")}
+    with store.damaged_metadata_is_one_line(store.location_of(root.store), store.run_path(digest)):
+        group = store.member(root, store.run_path(digest))
+        return set() if group is None else set(store.runs_of(group, complete=True))
 
 
 # --- metrics and the runs written -----------------------------------------------------------------------
@@ -418,14 +410,14 @@ def _write_array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
     values = np.asarray(values)
     array = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=values.dtype,
                                dimension_names=dims, compressors=store.small_compressors(), attributes=attrs or {},
-                               overwrite=True)
+                               overwrite=True, config=store.WRITE_EVERY_CHUNK)
     array[...] = values
 
 
 def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
                seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
     """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
-    group = root.require_group(f"runs/{digest}")
+    group = root.require_group(store.run_path(digest))
     configuration = {
         "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
         "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
@@ -441,7 +433,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
         predictions = (test_out[..., 0] * std + mean).cpu().numpy()
         truth = data.y["test"]
     for r, (run, seed) in enumerate(zip(runs, seeds)):
-        key = f"runs/{digest}/{run_key(run)}"
+        key = store.run_path(digest, run)
         store.mark_incomplete(root, key)
         g = root.require_group(key)
         epochs = len(ens.curves["lr"][r])
@@ -456,7 +448,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                          {"classes": data.classes})
     # The marks last and back to back: a kill between two marks of one batch redoes the batch, so keep that window short.
     for r, (run, seed) in enumerate(zip(runs, seeds)):
-        key, epochs = f"runs/{digest}/{run_key(run)}", len(ens.curves["lr"][r])
+        key, epochs = store.run_path(digest, run), len(ens.curves["lr"][r])
         store.mark_complete(root, key, run=run, seed=seed, score=score_name, best_epoch=int(ens.best_epoch[r]),
                             epochs=epochs, metrics={s: _per_run(final[s], r) for s in SPLITS},
                             last_epoch_metrics={"test": _per_run(last["test"], r)}, device=ens.device,
@@ -546,8 +538,7 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
         finally:
             lease.release()
     score = "accuracy" if data.task == "classification" else "r2"
-    group = root[f"runs/{digest}"]
-    values = [group[run_key(r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
+    values = [root[store.run_path(digest, r)].attrs["metrics"]["test"][score] for r in range(config.runs)]
     return ConfigResult(setup, digest, todo, sorted(done & set(range(config.runs))), seconds, float(np.mean(values)), score,
                         data.width)
 
@@ -600,8 +591,8 @@ def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
 def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
     from dask.distributed import as_completed
 
-    client, local = cluster.client_for(config.scheduler, config.workers, config.dashboard)
-    try:
+    with cluster.Session(config.scheduler, config.workers, config.dashboard) as session:
+        client = session.client()
         futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
         results: list = [None] * len(setups)
         for future in as_completed(futures):
@@ -609,10 +600,6 @@ def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> li
             if on_result:
                 on_result(result)
         return results
-    finally:
-        client.close()
-        if local is not None:
-            local.close()
 
 
 def _task_result(future, setup: Setup) -> ConfigResult:

@@ -32,6 +32,7 @@ from zarr.core.sync import sync
 from . import leases, store
 from .commands import command
 from .errors import PipelineError
+from .layers import safe_key
 from .train import train_command
 
 
@@ -330,7 +331,7 @@ def _verify_features(root, path: str, attrs: dict, report: Report, reads: list, 
 def _saved_configuration(zstore, path: str) -> dict | None:
     """The configuration's attrs as a complete run under ``path`` recorded them in its mark, if one did."""
     async def children():
-        return [name async for name in zstore.list_dir(path) if name.startswith("run-")]
+        return [name async for name in zstore.list_dir(path) if store.run_number(name) is not None]
 
     for name in sorted(sync(children())):
         raw = store._get(zstore, f"{path}/{name}/zarr.json")
@@ -344,17 +345,17 @@ def _saved_configuration(zstore, path: str) -> dict | None:
 
 
 def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> None:
-    runs = _open(root, "runs", report, command("train", path), ("key",))
+    runs = _open(root, store.RUNS, report, command("train", path), ("key",))
     if runs is None:
         return
-    _, groups, damaged = _members(runs)
+    _, groups, damaged = _members(runs)  # listed damage-tolerantly, unlike store.configurations
     for digest in damaged:  # its attributes (the configuration) are lost; each run's mark keeps a copy of them
-        saved = _saved_configuration(root.store, f"runs/{digest}")
+        saved = _saved_configuration(root.store, store.run_path(digest))
         if saved is not None:
-            report.problems.append(Problem(f"runs/{digest}", UNREADABLE, "none (`pipeline verify --repair` rewrites it "
-                                           "from its runs' marks)", ("reconfig", f"runs/{digest}", saved)))
+            report.problems.append(Problem(store.run_path(digest), UNREADABLE, "none (`pipeline verify --repair` rewrites "
+                                           "it from its runs' marks)", ("reconfig", store.run_path(digest), saved)))
         else:  # runs written before their marks kept it: nothing is deleted, the user knows the options
-            report.problems.append(Problem(f"runs/{digest}", UNREADABLE, "none automatic: its options were in this file; "
+            report.problems.append(Problem(store.run_path(digest), UNREADABLE, "none automatic: its options were in this file; "
                                            "retrain it with the options you gave `pipeline train`, adding --force",
                                            ("none",)))
     for digest, group in groups.items():
@@ -362,13 +363,13 @@ def _verify_runs(root, path: str, report: Report, reads: list, busy: dict) -> No
             continue
         config = group.attrs.get("config")
         _, run_groups, damaged_runs = _members(group)
-        keys = sorted(k for k in [*run_groups, *damaged_runs] if k.startswith("run-"))
+        keys = sorted(k for k in [*run_groups, *damaged_runs] if store.run_number(k) is not None)
         try:
             retrain = train_command(path, config, len(keys)) if config else command("train", path)
         except (KeyError, TypeError, AttributeError):  # a damaged config: the plain command, with the user's options
             retrain = command("train", path)
         for key in keys:
-            run_path = f"runs/{digest}/{key}"
+            run_path = f"{store.run_path(digest)}/{key}"
             _check_group(root, run_path, {"test_pred", "test_true", "epoch"}, None, retrain, report, reads,
                          lambda run_path=run_path: report.problems.append(
                              Problem(run_path, "never finished (an interrupted train)", retrain, ("none",))))
@@ -428,7 +429,7 @@ def repair(path: str, problems: list[Problem]) -> list[str]:
         elif kind == "flag":
             _, features_path, name, chunk = problem.reset
             features = root[features_path]
-            features[f"_progress/{name}"][chunk] = 0
+            store.writable(features[f"_progress/{name}"])[chunk] = 0  # a chunk of 0s, stored like any other
             store.update_attrs(features[name], {"complete": False, store.MANIFEST: None})
     order = {"pipeline materialize": 0, "pipeline features": 1, "pipeline train": 2, "pipeline verify": 3}
     commands = sorted({p.repair for p in problems if p.repair.startswith("pipeline ")},

@@ -18,7 +18,6 @@ docs/zoo.md says why each number is what it is.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import PipelineError
-from .loraws import LoraModule, matrix_column, write_dataset
+from .provenance import content_hash
+from .loraws import LoraModule, builtin_home, matrix_column, write_dataset
 
 ZOO_VERSION = 1  # bump when the adapters a config produces change
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -70,7 +70,7 @@ class ZooConfig:
 
 
 def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    return content_hash(payload, length=16, default=list)  # 16, list: the names of built zoos and base models
 
 
 def _require_packages() -> None:
@@ -328,7 +328,7 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
     """
     from dask.distributed import as_completed
 
-    from .cluster import client_for, scheduler_address
+    from .cluster import Session, scheduler_address
 
     if workers == 0 and not scheduler_address(scheduler):
         for index in todo:
@@ -336,8 +336,8 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
             if progress:
                 progress(1)
         return
-    client, cluster = client_for(scheduler, workers or os.cpu_count() or 1)
-    try:
+    with Session(scheduler, workers or os.cpu_count() or 1) as session:
+        client = session.client()
         shared = client.scatter(base, broadcast=True)
         futures = client.map(train_adapter, todo, config=config, base=shared, pure=False)
         for future in as_completed(futures):
@@ -345,10 +345,6 @@ def _train_all(todo: list[int], config: ZooConfig, base: dict, folder: Path, wor
             _save_adapter(folder, adapter)
             if progress:
                 progress(1)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _tables(adapters: list[Path], modules: list[LoraModule], rank: int):
@@ -398,7 +394,7 @@ def build_zoo(out: str | Path, config: ZooConfig = ZooConfig(), workers: int | N
     if out.exists():
         raise PipelineError(f"{out} already exists; choose another --out or remove it")
     started = time.perf_counter()
-    cache_dir = Path(cache_dir or Path(builtin_home()) / "zoo-base")
+    cache_dir = Path(cache_dir or builtin_home() / "zoo-base")
     work = _work_folder(out, config)
     base, base_summary = base_model(config, cache_dir, progress("base", config.base_steps) if progress else None)
     folder = work / "adapters"
@@ -422,10 +418,6 @@ def build_zoo(out: str | Path, config: ZooConfig = ZooConfig(), workers: int | N
 # --- zoo:digits as a source -----------------------------------------------------------------------------
 
 
-def builtin_home() -> str:
-    return os.environ.get("PIPELINE_BUILTIN_HOME", "stores/builtin")
-
-
 def parse_uri(uri: str) -> ZooConfig:
     """``zoo:digits`` or ``zoo:digits?n=50&steps=100`` -> its config (fields of ZooConfig)."""
     name, _, query = uri.removeprefix("zoo:").partition("?")
@@ -446,7 +438,7 @@ def parse_uri(uri: str) -> ZooConfig:
 def builtin_zoo(uri: str, progress=None) -> Path:
     """The zoo named by ``uri``, built under ``stores/builtin/`` (or $PIPELINE_BUILTIN_HOME) on first use."""
     config = parse_uri(uri)
-    path = Path(builtin_home()) / f"zoo-digits-v{ZOO_VERSION}-n{config.n}-r{config.rank}-s{config.seed}-{config.digest()[:8]}"
+    path = builtin_home() / f"zoo-digits-v{ZOO_VERSION}-n{config.n}-r{config.rank}-s{config.seed}-{config.digest()[:8]}"
     if not path.exists():
         build_zoo(path, config, progress=progress)
     return path

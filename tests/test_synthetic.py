@@ -118,3 +118,17 @@ def test_mapped_table_is_the_dataset_table(tmp_path, monkeypatch):
     assert mapped_table(in_memory) is in_memory.data
     selected = ds.select([5, 3])
     assert mapped_table(selected) is selected.data
+
+
+def test_builtin_dataset_is_made_once_under_the_builtin_home_and_prints_nothing(tmp_path, monkeypatch, capsys):
+    from pipeline import synthetic
+
+    monkeypatch.setattr(synthetic, "BUILTIN", {**synthetic.BUILTIN, "n": 6})
+    monkeypatch.setenv("PIPELINE_BUILTIN_HOME", str(tmp_path / "home"))
+    said = []
+    path = synthetic.builtin_dataset(on_generate=lambda where, n: said.append((where, n)))
+    assert path.parent == tmp_path / "home" and said == [(path, 6)]
+    assert datasets.load_from_disk(str(path))["train"].num_rows == 6
+    assert synthetic.builtin_dataset(on_generate=lambda where, n: said.append((where, n))) == path and len(said) == 1
+    assert synthetic.builtin_dataset(tmp_path / "elsewhere") == tmp_path / "elsewhere" / path.name
+    assert capsys.readouterr() == ("", "")  # library code is silent: the CLI says what it does

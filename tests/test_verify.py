@@ -103,3 +103,16 @@ def test_marks_are_checked_against_the_data(store):
     assert problems["features/train/dw_norms"].what == "marked complete but chunks are missing"
     assert problems["features/train/dw_norms"].repair.endswith("--rep dw_norms --split train --force")
     assert problems["features/test/simple_stats"].what.startswith("never finished")
+
+
+def test_labels_recorded_without_their_key_are_found_under_their_safe_name(store):
+    """Stores written before the root attrs recorded each label's key: verify looks for its safe name."""
+    import json
+
+    from pipeline.layers import safe_key
+
+    meta = json.loads((store / "zarr.json").read_text())
+    for name, info in meta["attributes"]["labels"].items():
+        assert info.pop("key") == safe_key(name)
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert verify(str(store)).problems == []
