@@ -1,5 +1,6 @@
 """Precompute-then-train pipeline for weight-space learning on LoRA adapters."""
 
+from ._version import __version__
 from .errors import PipelineError
 from .materialize import MaterializeConfig, materialize
 from .sources import Source, open_source
@@ -9,6 +10,5 @@ from .synthetic import write_synthetic
 
 __all__ = [
     "FORMAT", "SCHEMA_VERSION", "MaterializeConfig", "PipelineError", "Source", "default_store", "materialize",
-    "open_source", "original_split", "write_synthetic",
+    "__version__", "open_source", "original_split", "write_synthetic",
 ]
-__version__ = "0.1.0"
