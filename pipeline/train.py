@@ -183,7 +183,7 @@ def check_splits(root: zarr.Group, path: str) -> None:
         if split not in splits:
             raise PipelineError(f"store {path} has no {split!r} split (it has {', '.join(splits)}); training needs train, val and test")
         if splits[split]["n"] == 0:
-            raise PipelineError(f"split {split!r} of store {path} has no rows; materialize with other --test-size/--val-test-size")
+            raise PipelineError(f"split {split!r} of store {path} has no rows; materialize with other --val-size/--test-size")
 
 
 def resolve_label(root: zarr.Group, path: str, label: str | None) -> str:
