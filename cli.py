@@ -162,10 +162,11 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars and 
 scheduler_help = "Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)."
 
 
-def personal_store_option(what: str):
+def personal_store_option(config: str, what: str):
+    """``--personal-store`` (parameter ``output``), and ``--output``, its old spelling."""
     def decorate(command):
         command = old_spelling("--output", "--personal-store", "output")(command)
-        return option("--personal-store", "output", config=FEATURES if what == "features" else TRAIN,
+        return option("--personal-store", "output", config=config,
                       help=f"Write the {what} to this store of your own, which builds on --store (for a read-only --store).")(command)
     return decorate
 
@@ -316,7 +317,7 @@ def _say_waiting(what: str, holder) -> None:
         help="Run on a local dask cluster of N worker processes (0: in this process).")
 @option("--scheduler", config=FEATURES, help=scheduler_help)
 @click.option("--force", is_flag=True, help="Recompute even representations that are up to date.")
-@personal_store_option("features")
+@personal_store_option(FEATURES, "features")
 @click.option("--list", "list_reps", is_flag=True, help="List the representations and exit.")
 @dashboard_option
 @quiet_option
@@ -360,7 +361,7 @@ def features(store, list_reps, **options):
         help="Where to train: auto is cuda when there is a GPU.")
 @hyper_options
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
-@personal_store_option("runs")
+@personal_store_option(TRAIN, "runs")
 @option("--workers", type=int, config=TRAIN,
         help="Train configurations in parallel on a local dask cluster of N processes (0: in this process).")
 @option("--scheduler", config=TRAIN, help=scheduler_help)

@@ -200,8 +200,9 @@ def resolve_label(root: zarr.Group, path: str, label: str | None) -> str:
     raise PipelineError(f"store {path} has no {DEFAULT_LABEL} and {what}; choose one with --label (it has {have})")
 
 
-def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, str, list[str]]:
+def load_labels(root: zarr.Group, path: str, label: str | None) -> tuple[dict, dict, str, list[str]]:
     """Per split the kept positions and targets, the task, and the class names. Rows without a label are dropped."""
+    label = resolve_label(root, path, label)
     known = root.attrs["labels"]
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
@@ -263,8 +264,9 @@ def axis_names(root: zarr.Group, name: str) -> list[str]:
     return [module["name"] for module in root.attrs["modules"]]
 
 
-def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict | None = None) -> Data:
+def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cache: dict | None = None) -> Data:
     """Slice the stored features to the layer set, flatten per model, concatenate reps, standardise."""
+    label = resolve_label(root, path, label)
     keep, y, task, classes = load_labels(root, path, label)
     cache = {} if cache is None else cache
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
