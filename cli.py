@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
+import inspect
 import re
 import shlex
 import sys
+from collections.abc import Callable
 
 import click
 
+from pipeline._version import __version__
 from pipeline.commands import quoted
 from pipeline.errors import PipelineError
+from pipeline.hyper import Hyper
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -23,9 +29,75 @@ def parse_size(text: str) -> int:
     return int(float(number) * 1024 ** " KMGT".index(unit.upper() or " "))
 
 
+# --- options whose defaults live in the stage configs, and old spellings ------------------------------
+
+TRAIN, FEATURES, MATERIALIZE = "pipeline.train:TrainConfig", "pipeline.features:FeaturesConfig", "pipeline.materialize:MaterializeConfig"
+ZOO, BUILD_ZOO, SYNTH = "pipeline.zoo:ZooConfig", "pipeline.zoo:build_zoo", "pipeline.synthetic:write_synthetic"
+
+
+def config_default(where: str, name: str):
+    """The default of field ``name`` of the dataclass ``module:Name`` (or of parameter ``name`` of that function)."""
+    module, _, attr = where.partition(":")
+    target = getattr(importlib.import_module(module), attr)
+    if dataclasses.is_dataclass(target):
+        return next(f.default for f in dataclasses.fields(target) if f.name == name)
+    return inspect.signature(target).parameters[name].default
+
+
+class _Default(click.Option):
+    """An option whose default is that of the stage config's field of the same name (``field`` if the names
+    differ; ``to_cli`` spells it as the option does), read when it is needed: the defaults live only in the
+    configs, and neither ``pipeline --help`` nor ``pipeline info`` imports torch to show them."""
+
+    def __init__(self, *decls, config: str | Callable, field: str | None = None, to_cli: Callable | None = None, **kwargs):
+        super().__init__(*decls, show_default=True, **kwargs)
+        self.config, self.field, self.to_cli = config, field, to_cli
+
+    def get_default(self, ctx, call=True):
+        value = self.config() if callable(self.config) else config_default(self.config, self.field or self.name)
+        return value if self.to_cli is None or value is None else self.to_cli(value)
+
+
+def option(*decls, config: str | Callable, **kwargs):
+    return click.option(*decls, cls=_Default, config=config, **kwargs)
+
+
+class _OldSpelling(click.Option):
+    """The hidden old spelling of a renamed option: what it is given goes to the new one (``_Command``)."""
+
+    def __init__(self, decls, *, new: str, target: str, **kwargs):
+        super().__init__(decls, hidden=True, default=None, help=f"Old spelling of {new}.", **kwargs)
+        self.new, self.target = new, target
+
+
+def old_spelling(old: str, new: str, target: str, **kwargs):
+    """``old`` keeps working as ``new`` (parameter ``target``) for the scripts that use it, and is not listed in --help."""
+    return click.option(old, f"old_{target}", cls=_OldSpelling, new=new, target=target, **kwargs)
+
+
+class _Command(click.Command):
+    """A command whose old spellings set the parameters of the options that replaced them, as if given by those."""
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        given = click.core.ParameterSource.COMMANDLINE
+        for param in self.params:
+            if not isinstance(param, _OldSpelling):
+                continue
+            value = ctx.params.pop(param.name)
+            if ctx.get_parameter_source(param.name) is given:
+                if ctx.get_parameter_source(param.target) is given:
+                    raise click.UsageError(f"{param.opts[0]} is the old spelling of {param.new}: give only {param.new}", ctx)
+                ctx.params[param.target] = value
+                ctx.set_parameter_source(param.target, given)
+        return rest
+
+
 class _Group(click.Group):
     """Turns a PipelineError (or a click usage error) into one line on stderr and exit code 2, without a traceback; Ctrl-C into
     one line that says what stopped and the command that resumes it, and exit code 130 (128 + SIGINT)."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         args = [*ctx._protected_args, *ctx.args]  # the command line after `pipeline`, before click consumes it
@@ -59,24 +131,61 @@ def _store_path(ctx, param, value):
     return value
 
 
+def hyper_options(command):
+    """One option per hyper-parameter (pipeline/hyper.py), in Hyper's order, with Hyper's default and help."""
+    for f in reversed(dataclasses.fields(Hyper)):
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
+                               show_default=True, help=f.metadata["help"])(command)
+    return command
+
+
+def _size_text(n: int) -> str:
+    """Bytes as the largest whole unit ``parse_size`` reads back: 1073741824 -> 1GiB."""
+    unit = next(u for u in "TGMK " if u == " " or n % 1024 ** " KMGT".index(u) == 0)
+    return f"{n // 1024 ** ' KMGT'.index(unit)}{unit.strip()}{'iB' if unit.strip() else 'B'}"
+
+
+def _split_share(which: int) -> Callable:
+    """The default share of all rows of val (0) or test (1): MaterializeConfig's split in those terms."""
+    def default():
+        from pipeline.splits import shares_of_all
+
+        return shares_of_all(config_default(MATERIALIZE, "test_size"), config_default(MATERIALIZE, "val_test_size"))[which]
+    return default
+
+
 store_option = click.option("--store", default=None, callback=_store_path,
-                            help="Store path (default: $PIPELINE_STORE or stores/default.zarr).")
+                            help="Store path or URL (default: $PIPELINE_STORE or stores/default.zarr).")
 dashboard_option = click.option("--dashboard", is_flag=True,
                                 help="Serve the local dask cluster's dashboard, on 127.0.0.1 only (its address goes to stderr).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars and no summary; errors still go to stderr.")
+scheduler_help = "Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)."
 
 
-@click.group(cls=_Group)
+def personal_store_option(config: str, what: str):
+    """``--personal-store`` (parameter ``output``), and ``--output``, its old spelling."""
+    def decorate(command):
+        command = old_spelling("--output", "--personal-store", "output")(command)
+        return option("--personal-store", "output", config=config,
+                      help=f"Write the {what} to this store of your own, which builds on --store (for a read-only --store).")(command)
+    return decorate
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="pipeline", message="%(prog)s %(version)s",
+                      help="Show the version and exit.")
 def main():
     """Precompute-then-train pipeline for weight-space learning on LoRA adapters."""
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(), help="Folder to write (save_to_disk format).")
-@click.option("--n", default=1000, show_default=True, help="Number of adapters.")
-@click.option("--rank", default=1, show_default=True)
-@click.option("--modules", default="q,v", show_default=True, help="Projections: any of q,k,v,out.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (save_to_disk format); must not exist.")
+@option("--n", type=int, config=SYNTH, help="Number of adapters.")
+@option("--rank", type=int, config=SYNTH, help="LoRA rank of every adapter.")
+@option("--modules", config=SYNTH, field="projections", to_cli=",".join,
+        help="Attention projections that get an adapter: any of q,k,v,out.")
+@option("--seed", type=int, config=SYNTH, help="Seed of the weights and labels.")
+@quiet_option
 def synth(out, n, rank, modules, seed, quiet):
     """Write a synthetic LoRA dataset in the published lora-ws format."""
     from tqdm import tqdm
@@ -91,24 +200,33 @@ def synth(out, n, rank, modules, seed, quiet):
 
 @main.command()
 @store_option
-@click.option("--source", default=None, help="save_to_disk folder, parquet/arrow files or glob, safetensors folder, or hub id. "
-                                             "Default: the built-in synthetic dataset.")
-@click.option("--labels-csv", default=None, help="Labels CSV for a folder of .safetensors adapters (default: labels.csv in it).")
-@click.option("--layers", default=None, help="Regex: keep only matching modules.")
-@click.option("--label", "labels", multiple=True, help="Label column that must exist (repeatable).")
-@click.option("--split-seed", default=42, show_default=True)
-@click.option("--test-size", default=0.3, show_default=True)
-@click.option("--val-test-size", default=0.67, show_default=True, help="Share of the held-out rows that go to test.")
-@click.option("--memory", default="1GiB", show_default=True, help="Budget for weights held in memory at once.")
-@click.option("--chunk-mb", default=4.0, show_default=True, help="Target chunk size of the widest layer.")
-@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), default="none", show_default=True,
-              help="Compression of the raw weights (crc32c checksums always).")
+@option("--source", config=MATERIALIZE, help="save_to_disk folder, parquet/arrow files or glob, safetensors folder, zoo:digits "
+                                            "or hub id (default: the built-in synthetic dataset).")
+@option("--labels-csv", config=MATERIALIZE,
+        help="Labels CSV for a folder of .safetensors adapters (default: labels.csv in it).")
+@option("--modules", "layers", config=MATERIALIZE,
+        help="Regex: keep only the LoRA modules whose name (or a column name) it matches (default: every module).")
+@old_spelling("--layers", "--modules", "layers")
+@click.option("--label", "labels", multiple=True,
+              help="A label column the source must have, else nothing is written (repeatable; every scalar column is kept anyway).")
+@option("--split-seed", type=int, config=MATERIALIZE,
+        help="Seed of the train/val/test split of a source with one split (a source's own splits are kept as they are).")
+@option("--val-size", type=float, config=_split_share(0),
+        help="Share of all rows that go to val, for a source with one split (the default is the original experiment's).")
+@option("--test-size", type=float, config=_split_share(1),
+        help="Share of all rows that go to test, for a source with one split; train gets the rest.")
+@click.option("--val-test-size", type=float, hidden=True, default=None,
+              help="Old spelling: the share of the held-out rows that go to test; with it --test-size is the share "
+                   "of all rows held out of train (val + test), as it was before --val-size.")
+@option("--memory", config=MATERIALIZE, to_cli=_size_text, help="Budget for weights held in memory at once, like 512MiB or 2GiB.")
+@option("--chunk-mb", type=float, config=MATERIALIZE, help="Target chunk size of the widest layer, in MB.")
+@option("--codec", type=click.Choice(["none", "lz4", "zstd"]), config=MATERIALIZE,
+        help="Compression of the raw weights (crc32c checksums always).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout (one of the same source and layout is resumed, not replaced: repair damage with `pipeline verify --repair`).")
-@click.option("--quiet", is_flag=True)
+@quiet_option
 @click.pass_context
-def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
-                allow_nonfinite, overwrite, quiet):
+def materialize(ctx, store, **options):  # noqa: ARG001 - options: read from ctx.params, with where each came from
     """Read each layer once per split into one chunked Zarr store.
 
     On an existing store, the options it was made with are used for those not given here: so
@@ -122,17 +240,22 @@ def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE and name != "store"}
     if "memory" in given:
         try:
-            given["memory"] = parse_size(memory)
+            given["memory"] = parse_size(given["memory"])
         except click.BadParameter as exc:
             raise PipelineError(f"--memory {exc.message}") from None
     if "labels" in given:
-        given["labels"] = tuple(labels)
+        given["labels"] = tuple(given["labels"])
     config = resume_config(store or default_store(), given)
     if config.source and config.source.startswith("zoo:"):  # build it here, with progress bars, if it is not built yet
         from pipeline.zoo import builtin_zoo
 
-        with _zoo_progress(quiet) as bars:
+        with _zoo_progress(config.quiet) as bars:
             builtin_zoo(config.source, progress=bars)
+    if config.source is None:  # the built-in dataset: generated here on first use, and said so
+        from pipeline.synthetic import builtin_dataset
+
+        builtin_dataset(on_generate=None if config.quiet else
+                        lambda path, n: click.echo(f"generating the built-in dataset ({n} synthetic adapters) in {path}"))
     summary = run(config, progress=progress.factory("materialize", config.quiet),
                   on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
     if not config.quiet:
@@ -143,21 +266,22 @@ def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (save_to_disk format, like synth's).")
-@click.option("--n", default=500, show_default=True, help="Number of adapters.")
-@click.option("--rank", default=1, show_default=True)
-@click.option("--steps", default=200, show_default=True, help="Fine-tuning steps per adapter.")
-@click.option("--lr", default=None, type=float, help="Fine-tuning learning rate (default: ZooConfig.lr, see docs/zoo.md).")
-@click.option("--seed", default=0, show_default=True, help="Varies the adapters (labels, images, LoRA init, noise), not the base model.")
-@click.option("--workers", type=int, default=None, help="Local dask worker processes (default: one per core; 0: in this process, no dask).")
-@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
-@click.option("--quiet", is_flag=True)
+@option("--n", type=int, config=ZOO, help="Number of adapters.")
+@option("--rank", type=int, config=ZOO, help="LoRA rank of every adapter.")
+@option("--steps", type=int, config=ZOO, help="Fine-tuning steps per adapter.")
+@option("--lr", type=float, config=ZOO, help="Fine-tuning learning rate (see docs/zoo.md).")
+@option("--seed", type=int, config=ZOO, help="Varies the adapters (labels, images, LoRA init, noise), not the base model.")
+@option("--workers", type=int, config=BUILD_ZOO,
+        help="Local dask worker processes (default: one per core; 0: in this process, no dask).")
+@option("--scheduler", config=BUILD_ZOO, help=scheduler_help)
+@quiet_option
 def zoo(out, n, rank, steps, lr, seed, workers, scheduler, quiet):
     """Build a LoRA dataset by really fine-tuning a miniature SD UNet on 8x8 digits (offline, resumable)."""
     import time
 
     from pipeline.zoo import ZooConfig, build_zoo
 
-    config = ZooConfig(n=n, rank=rank, steps=steps, seed=seed, **({"lr": lr} if lr is not None else {}))
+    config = ZooConfig(n=n, rank=rank, steps=steps, lr=lr, seed=seed)
     started = time.perf_counter()
     with _zoo_progress(quiet) as bars:
         path = build_zoo(out, config, workers=workers, scheduler=scheduler, progress=bars)
@@ -190,17 +314,19 @@ def _say_waiting(what: str, holder) -> None:
 
 @main.command()
 @store_option
-@click.option("--rep", "reps", default="all", show_default=True, help="Representations: all, or a comma-separated list.")
-@click.option("--split", "splits", default="all", show_default=True, help="Splits: all, or a comma-separated list.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes (0: in this process).")
-@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
+@option("--rep", "reps", config=FEATURES, help="Representations: all, or a comma-separated list (see --list).")
+@option("--split", "splits", config=FEATURES, help="Splits: all, or a comma-separated list.")
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=FEATURES,
+        help="Where to compute: auto is cuda when there is a GPU.")
+@option("--workers", type=int, config=FEATURES,
+        help="Run on a local dask cluster of N worker processes (0: in this process).")
+@option("--scheduler", config=FEATURES, help=scheduler_help)
 @click.option("--force", is_flag=True, help="Recompute even representations that are up to date.")
-@click.option("--output", default=None, help="Write the features to this store of your own (for a read-only --store).")
+@personal_store_option(FEATURES, "features")
 @click.option("--list", "list_reps", is_flag=True, help="List the representations and exit.")
 @dashboard_option
-@click.option("--quiet", is_flag=True)
-def features(store, reps, splits, device, workers, scheduler, force, output, list_reps, dashboard, quiet):
+@quiet_option
+def features(store, list_reps, **options):
     """Compute representations of every layer into the store, in one pass over the raw chunks."""
     from pipeline import progress, representations
     from pipeline.features import FeaturesConfig, compute_features
@@ -211,8 +337,8 @@ def features(store, reps, splits, device, workers, scheduler, force, output, lis
         for row in representations.describe_all():
             click.echo(f"{row['name']:16} {row['kind']:7} {row['width']:5}  {row['version']:7}  {row['invariance']}")
         return
-    config = FeaturesConfig(store=store or default_store(), reps=reps, splits=splits, device=device, workers=workers,
-                            scheduler=scheduler, force=force, quiet=quiet, output=output, dashboard=dashboard)
+    config = FeaturesConfig(store=store or default_store(), **options)
+    quiet = config.quiet
     summary = compute_features(config, progress=progress.factory("features", quiet, unit="chunk"),
                                on_wait=None if quiet else lambda split, rep, holder: _say_waiting(f"{rep} on {split}", holder))
     if not quiet:
@@ -225,43 +351,34 @@ def features(store, reps, splits, device, workers, scheduler, force, output, lis
 
 @main.command()
 @store_option
-@click.option("--rep", "reps", default="all", show_default=True,
-              help="all (every representation in the store), a,b (separate configurations) or a+b (concatenated).")
-@click.option("--layers", default="all", show_default=True,
-              help="Layer sets, comma-separated: all, visual (attn1), text (attn2) or a regex on layer/module names.")
-@click.option("--label", default="category_label", show_default=True)
-@click.option("--runs", default=10, show_default=True, help="Runs per configuration (seeds seed..seed+runs-1).")
-@click.option("--seed", default=42, show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--hidden", default=512, show_default=True)
-@click.option("--depth", default=3, show_default=True, help="Hidden layers of the MLP.")
-@click.option("--dropout", default=0.5, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--weight-decay", default=1e-4, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--epochs", default=300, show_default=True)
-@click.option("--patience", default=15, show_default=True, help="Stop after this many epochs without a better val score.")
-@click.option("--plateau-patience", default=10, show_default=True)
-@click.option("--plateau-factor", default=0.5, show_default=True)
+@option("--rep", "reps", config=TRAIN,
+        help="all (every representation in the store), a,b (separate configurations) or a+b (concatenated).")
+@option("--layers", config=TRAIN,
+        help="Layer sets, comma-separated: all, visual (attn1), text (attn2) or a regex on layer/module names.")
+@option("--label", config=TRAIN,
+        help="Label to train on: a classifier on a categorical, integer or bool label, a regressor on a float one "
+             "(default: category_label, else the store's only classification label).")
+@option("--runs", type=int, config=TRAIN, help="Runs per configuration (seeds seed..seed+runs-1).")
+@option("--seed", type=int, config=TRAIN, help="Seed of the first run; run r uses seed + r.")
+@option("--model", type=click.Choice(["mlp", "linear"]), config=TRAIN,
+        help="mlp, or linear (no hidden layer: --depth, --hidden and --dropout do not apply).")
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=TRAIN,
+        help="Where to train: auto is cuda when there is a GPU.")
+@hyper_options
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
-@click.option("--output", default=None, help="Write the runs to this store of your own (for a read-only --store).")
-@click.option("--workers", type=int, default=None,
-              help="Train configurations in parallel on a local dask cluster of N processes (0: in this process).")
-@click.option("--scheduler", default=None, help="Address of a dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS).")
+@personal_store_option(TRAIN, "runs")
+@option("--workers", type=int, config=TRAIN,
+        help="Train configurations in parallel on a local dask cluster of N processes (0: in this process).")
+@option("--scheduler", config=TRAIN, help=scheduler_help)
 @dashboard_option
-@click.option("--quiet", is_flag=True)
-def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, dropout, lr, weight_decay, batch_size, epochs,
-          patience, plateau_patience, plateau_factor, force, output, workers, scheduler, dashboard, quiet):
+@quiet_option
+def train(store, **options):
     """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
     from pipeline.store import default_store
     from pipeline.train import TrainConfig, train as run
 
-    config = TrainConfig(store=store or default_store(), reps=reps, layers=layers, label=label, runs=runs, seed=seed,
-                         model=model, device=device, hidden=hidden, depth=depth, dropout=dropout, lr=lr,
-                         weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
-                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, force=force, quiet=quiet,
-                         workers=workers, scheduler=scheduler, output=output, dashboard=dashboard)
+    config = TrainConfig(store=store or default_store(), **options)
+    quiet = config.quiet
 
     def echo(result):
         if not quiet:
@@ -278,7 +395,7 @@ def train(store, reps, layers, label, runs, seed, model, device, hidden, depth, 
 
 @main.command()
 @store_option
-@click.option("--out", default=None, type=click.Path(), help="Folder to write (default: <store>.report beside the store).")
+@click.option("--out", default=None, type=click.Path(), help="Folder to write the report to (default: <store>.report beside the store).")
 def report(store, out):
     """Tables and plots of the stored runs: results.md, results.csv, PNG figures."""
     from pipeline.report import write_report

@@ -10,5 +10,5 @@ from .synthetic import write_synthetic
 
 __all__ = [
     "FORMAT", "SCHEMA_VERSION", "MaterializeConfig", "PipelineError", "Source", "default_store", "materialize",
-    "open_source", "original_split", "write_synthetic",
+    "__version__", "open_source", "original_split", "write_synthetic",
 ]

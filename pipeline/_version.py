@@ -1,3 +1,4 @@
-"""The package version, alone in its module: any module may import it without importing the package face."""
+"""The package version, in a module of its own so that anything (the CLI's --version, the package face) can read it
+without importing a stage."""
 
 __version__ = "0.1.0"

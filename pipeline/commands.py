@@ -7,6 +7,10 @@ or quotes survive copy-and-paste because every argument goes through ``shlex.joi
 from __future__ import annotations
 
 import shlex
+from dataclasses import fields
+
+from .errors import PipelineError
+from .hyper import LINEAR, Hyper
 
 
 def command(stage: str, store: str, *args) -> str:
@@ -19,10 +23,9 @@ def quoted(stage: str, store: str, *args) -> str:
     return f"`{command(stage, store, *args)}`"
 
 
-_MATERIALIZE_FLAGS = {  # MaterializeConfig field -> option of `pipeline materialize`
-    "source": "--source", "labels_csv": "--labels-csv", "layers": "--layers", "test_size": "--test-size",
-    "val_test_size": "--val-test-size", "split_seed": "--split-seed", "memory": "--memory", "chunk_mb": "--chunk-mb",
-    "codec": "--codec",
+_MATERIALIZE_FLAGS = {  # MaterializeConfig field -> option of `pipeline materialize` (the split: _split_args)
+    "source": "--source", "labels_csv": "--labels-csv", "layers": "--modules", "split_seed": "--split-seed",
+    "memory": "--memory", "chunk_mb": "--chunk-mb", "codec": "--codec",
 }
 
 
@@ -33,8 +36,40 @@ def materialize_args(recorded: dict) -> list[str]:
         value = recorded.get(name)
         if value is not None:
             args += [flag, f"{value}B" if name == "memory" else value]
+    args += _split_args(recorded.get("test_size"), recorded.get("val_test_size"))
     for label in recorded.get("labels") or ():
         args += ["--label", label]
     if recorded.get("allow_nonfinite"):
         args.append("--allow-nonfinite")
     return args
+
+
+def _split_args(test_size, val_test_size) -> list:
+    """``--val-size V --test-size T`` for a recorded split, or, where those shares would not give back exactly the
+    recorded sizes (a store's layout compares them bit for bit), the old spelling that does."""
+    if test_size is None or val_test_size is None:  # not recorded: the defaults
+        return []
+    from .splits import datasets_sizes, shares_of_all  # here: splits imports the datasets library
+
+    shares = shares_of_all(test_size, val_test_size)
+    try:
+        exact = datasets_sizes(*shares) == (test_size, val_test_size)
+    except PipelineError:  # sizes no pair of shares gives back: the old spelling says them as they are
+        exact = False
+    if exact:
+        return ["--val-size", shares[0], "--test-size", shares[1]]
+    return ["--test-size", test_size, "--val-test-size", val_test_size]
+
+
+def train_command(store: str, config: dict, runs: int) -> str:
+    """The ``pipeline train`` call that (re)trains a stored configuration (``runs/<digest>`` attrs "config"): its
+    representations, layer set, label, model and seed, and each recorded hyper-parameter that is not the default."""
+    args = ["--rep", "+".join(r["name"] for r in config["reps"]), "--layers", config["layer_set"],
+            "--label", config["label"], "--model", config["model"], "--seed", config["seed"], "--runs", runs]
+    ignored = LINEAR if config["model"] == "linear" else {}  # recorded as 0: no option of a linear model
+    defaults = Hyper()
+    for name in (f.name for f in fields(Hyper) if f.name not in ignored):
+        value = config.get(name, getattr(defaults, name))  # not recorded: the configuration was made before it existed
+        if value != getattr(defaults, name):
+            args += [f"--{name.replace('_', '-')}", value]
+    return command("train", store, *args)

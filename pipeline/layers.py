@@ -90,7 +90,7 @@ def pair_modules(columns: list[str]) -> tuple[list[Module], list[str]]:
             have, missing = ("down", "up") if "A" in slot else ("up", "down")
             raise PipelineError(
                 f"column {next(iter(slot.values()))!r} is a LoRA {have} matrix without its {missing} matrix; "
-                f"add the {missing} column or exclude the module with --layers"
+                f"add the {missing} column or exclude the module with --modules"
             )
         key = safe_key(name)
         base, i = key, 2
@@ -117,8 +117,8 @@ def select_modules(modules: list[Module], pattern: str | None) -> list[Module]:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise PipelineError(f"--layers {pattern!r} is not a valid regular expression: {exc}") from None
+        raise PipelineError(f"--modules {pattern!r} is not a valid regular expression: {exc}") from None
     kept = [m for m in modules if regex.search(m.name) or regex.search(m.down) or regex.search(m.up)]
     if not kept:
-        raise PipelineError(f"--layers {pattern!r} matches no LoRA module; run `pipeline info` on a store or check the column names")
+        raise PipelineError(f"--modules {pattern!r} matches no LoRA module; run `pipeline info` on a store or check the column names")
     return kept

@@ -21,7 +21,7 @@ from . import arrowio, leases, provenance, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
-from .splits import SplitPlan, check_split_options, plan_splits
+from .splits import SplitPlan, check_split_options, datasets_sizes, plan_splits, shares_of_all
 
 GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
@@ -39,10 +39,10 @@ class MaterializeConfig:
     store: str = store.DEFAULT_STORE
     source: str | None = None  # None: the built-in synthetic dataset
     labels_csv: str | None = None
-    layers: str | None = None  # regex over module and column names
+    layers: str | None = None  # regex over module and column names (``--modules``)
     labels: tuple[str, ...] = ()  # label columns that must exist (all scalar columns are kept)
-    test_size: float = 0.3
-    val_test_size: float = 0.67
+    test_size: float = 0.3  # share of all rows held out of train (val + test): datasets' train_test_split(test_size)
+    val_test_size: float = 0.67  # share of the held-out rows that go to test, the rest to val (``--val-size/--test-size``)
     split_seed: int = 42
     memory: int = GiB  # budget for weights held at once
     chunk_mb: float = 4.0
@@ -237,8 +237,27 @@ def resume_config(location: str, given: dict) -> MaterializeConfig:
     On an existing store of ours (not --overwrite) it starts from the options the store was made
     with, or from those of the replacement an interrupted ``--overwrite`` recorded, so that
     ``materialize --store S`` alone resumes or repairs it exactly; ``given`` (the options on the
-    command line) override them. Otherwise the defaults (``source`` None: the built-in dataset).
+    command line, by parameter name) override them. Otherwise the defaults (``source`` None: the
+    built-in dataset).
+
+    The split is given as ``val_size``/``test_size``, shares of all rows (``--val-size``, ``--test-size``),
+    and stored as the datasets library's two sizes (``test_size`` held out, ``val_test_size`` of that to
+    test). With ``val_test_size`` given (the old spelling, ``--val-test-size``) ``test_size`` is the
+    held-out share, as it was before ``--val-size`` existed, so old commands keep their meaning.
     """
+    given = dict(given)
+    shares = {}
+    if "val_test_size" in given:
+        if "val_size" in given:
+            raise PipelineError("--val-size does not mix with --val-test-size (the old spelling, in which --test-size is the "
+                                "held-out share); give --val-size and --test-size, shares of all rows")
+    elif "test_size" in given and "val_size" not in given:  # it had another meaning before --val-size: never guess which
+        val, test = shares_of_all(MaterializeConfig.test_size, MaterializeConfig.val_test_size)
+        raise PipelineError(f"--test-size {given['test_size']} alone is ambiguous: it is the share of all rows that go to "
+                            "test, but before --val-size existed it was the share held out of train (val + test); give "
+                            f"--val-size too (the default split is --val-size {val} --test-size {test})")
+    else:
+        shares = {name: given.pop(name) for name in ("val_size", "test_size") if name in given}
     base: dict = {}
     if not given.get("overwrite") and store.check_usable(location) != "absent":
         attrs = store._root_attrs(location) or store.root_copy(location) or {}
@@ -246,7 +265,12 @@ def resume_config(location: str, given: dict) -> MaterializeConfig:
         if "labels" in base:
             base = {**base, "labels": tuple(base["labels"])}
     known = {f.name for f in fields(MaterializeConfig)}
-    return MaterializeConfig(**{k: v for k, v in {**base, **given}.items() if k in known}, store=location)
+    config = MaterializeConfig(**{k: v for k, v in {**base, **given}.items() if k in known}, store=location)
+    if shares:
+        val_size, test_size = shares_of_all(config.test_size, config.val_test_size)
+        held_out, to_test = datasets_sizes(shares.get("val_size", val_size), shares.get("test_size", test_size))
+        config = replace(config, test_size=held_out, val_test_size=to_test)
+    return config
 
 
 def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:

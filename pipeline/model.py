@@ -25,28 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .hyper import Hyper
 
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # torch.nn.BatchNorm1d defaults
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
 PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau default (relative)
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at once (128 MB)
 CURVES = ("train_loss", "train_score", "val_loss", "val_score", "lr")  # per run, one value per epoch trained
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """What the trainer needs: the model and optimisation settings (``linear`` is depth 0, no dropout)."""
-
-    depth: int = 3
-    hidden: int = 512
-    dropout: float = 0.5
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 300
-    patience: int = 15
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
 
 
 @dataclass

@@ -75,16 +75,32 @@ def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False) ->
         return _open(uri, kind, labels_csv)
 
 
+DATASET_KINDS = {"save_to_disk": "a save_to_disk folder", "safetensors": "a folder of .safetensors adapters",
+                 "files": "a folder of parquet/arrow files"}
+
+
+def dataset_kind(path: str | Path) -> str | None:
+    """save_to_disk, safetensors or files when the local folder holds a dataset ``materialize --source`` reads
+    (judged by its file names alone), else None."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return "save_to_disk"
+    if any(path.glob("*.safetensors")):
+        return "safetensors"
+    return "files" if _data_files(str(path)) else None
+
+
 def _kind_of(uri: str) -> str:
     """zoo | save_to_disk | safetensors | files | hub, from the path alone; refuses a path that holds none."""
     path = Path(uri).expanduser()
     if uri.startswith("zoo:"):
         return "zoo"
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        return "save_to_disk"
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return "safetensors"
-    if _data_files(uri):
+    kind = dataset_kind(path)
+    if kind is not None:
+        return kind
+    if _data_files(uri):  # a glob
         return "files"
     if path.exists() or any(ch in uri for ch in "*?[") or uri.startswith((".", "/", "~")):
         raise PipelineError(

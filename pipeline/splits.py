@@ -23,12 +23,38 @@ class SplitPlan:
 
 
 MIN_SPLIT_ROWS = 1  # an empty split is refused; a one-row split is what the original made of 11 rows, so it stays
+_DIGITS = 12  # shares are rounded to this many decimals when converted: 0.099 + 0.201 is 0.3, not 0.30000000000000004
+
+
+def _is_share(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < 1  # nan fails 0 < nan
+
+
+def shares_of_all(test_size: float, val_test_size: float) -> tuple[float, float]:
+    """(val, test) as shares of all rows, from the datasets library's two sizes: ``test_size``, the share of
+    all rows held out of train, and ``val_test_size``, the share of those that go to test (the rest: val)."""
+    return round(test_size * (1 - val_test_size), _DIGITS), round(test_size * val_test_size, _DIGITS)
+
+
+def datasets_sizes(val_size: float, test_size: float) -> tuple[float, float]:
+    """The datasets library's two sizes (held-out share, share of it that goes to test) that give val and
+    test these shares of all rows: the inverse of ``shares_of_all``. Refuses shares that leave no split."""
+    for option, value in (("--val-size", val_size), ("--test-size", test_size)):
+        if not _is_share(value):
+            raise PipelineError(f"{option} {value!r} is not a share of the rows strictly between 0 and 1 (e.g. 0.1)")
+    held = round(val_size + test_size, _DIGITS)
+    share = round(test_size / held, _DIGITS) if held < 1 else 1.0
+    if not (held < 1 and 0 < share < 1):
+        empty = "train" if held >= 1 else "val"
+        raise PipelineError(f"--val-size {val_size} and --test-size {test_size} leave no row in {empty}; "
+                            "choose shares that add up to less than 1")
+    return held, share
 
 
 def check_split_options(test_size: float, val_test_size: float, seed: int) -> None:
     """Refuse split options the datasets library would reject with a traceback, or quietly misread."""
     for option, value in (("--test-size", test_size), ("--val-test-size", val_test_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # nan fails 0 < nan
+        if not _is_share(value):
             raise PipelineError(f"{option} {value!r} is not a share strictly between 0 and 1 (e.g. 0.3)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PipelineError(f"--split-seed {seed!r} is not a whole number >= 0")
@@ -36,6 +62,10 @@ def check_split_options(test_size: float, val_test_size: float, seed: int) -> No
 
 def original_split(n: int, test_size: float = 0.3, val_test_size: float = 0.67, seed: int = 42) -> dict[str, np.ndarray]:
     """The original experiment's split of ``n`` rows, made by the datasets library itself.
+
+    ``test_size`` rows are held out of train (``train_test_split(test_size=0.3)``), and ``val_test_size``
+    of them go to test, the rest to val (``train_test_split(test_size=0.67)`` of the held-out part): shares
+    of all rows of about 0.7 / 0.099 / 0.201 (``shares_of_all``; ``pipeline materialize --val-size --test-size``).
 
     ``train_test_split`` depends only on the row count and the seed, so running it on a table of
     row numbers gives exactly the rows the full dataset would give, without touching the weights.
@@ -46,7 +76,8 @@ def original_split(n: int, test_size: float = 0.3, val_test_size: float = 0.67, 
     if n <= 10:
         every = np.arange(n, dtype=np.int64)
         return {"train": every, "val": every.copy(), "test": every.copy()}
-    too_small = (f"--test-size {test_size} and --val-test-size {val_test_size} leave {{}} of the {n} rows; "
+    val_size, test_share = shares_of_all(test_size, val_test_size)
+    too_small = (f"--val-size {val_size} and --test-size {test_share} leave {{}} of the {n} rows; "
                  f"choose sizes that leave rows in each of train, val and test")
     table = datasets.Dataset.from_dict({"i": np.arange(n, dtype=np.int64)})
     try:

@@ -258,7 +258,7 @@ def check_writable(location: str | Path) -> None:
         except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, fsspec: each raises its own
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PipelineError(f"cannot write to {location} ({first}); check the bucket, the credentials in the "
-                                "environment, or use --output for your results") from None
+                                "environment, or use --personal-store for your results") from None
         return
     path = local_path(location)
     probe_dir = path if path.exists() else path.parent
@@ -272,7 +272,7 @@ def check_writable(location: str | Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise PipelineError(f"cannot write to {probe_dir} ({exc.strerror}); choose a writable --store, "
-                            "or use --output for your results") from None
+                            "or use --personal-store for your results") from None
 
 
 def bytes_under(location: str | Path, prefix: str = "") -> int:
@@ -308,6 +308,12 @@ def _not_a_store(path: str | Path) -> PipelineError:
         if (local / "zarr.json").is_file() and not isinstance(_root_attrs(path), dict):
             return PipelineError(f"the root zarr.json of {path} is damaged (not JSON, or not zarr metadata); restore it "
                                  f"from a backup, or delete {path} and run {quoted('materialize', path, '--source', 'SOURCE')}")
+        from .sources import DATASET_KINDS, dataset_kind  # here: sources imports the datasets library
+
+        kind = dataset_kind(local)
+        if kind is not None:  # the --source of materialize, given as --store
+            return PipelineError(f"{path} holds a dataset ({DATASET_KINDS[kind]}), not a pipeline store; make a store of it "
+                                 f"with {quoted('materialize', f'{local.resolve()}.zarr', '--source', path)} and pass that as --store")
         if local.is_dir() and any(child.name != LEASES for child in local.iterdir()):
             return PipelineError(f"{path} is a folder that is not a pipeline store (no weightspace-pipeline zarr.json at its "
                                  "top); check the --store path")
@@ -329,7 +335,7 @@ def check_attrs(path: str | Path, attrs: dict) -> None:
             return
         key, what = ("splits" if bad_split is not None else "modules" if bad_module is not None else "source"), "has a malformed"
     if attrs.get("base"):
-        fix = f"delete {path} and rerun your command with --output {path}"
+        fix = f"delete {path} and rerun your command with --personal-store {path}"
     else:
         recorded = attrs.get("materialize_config")
         if isinstance(recorded, dict) and recorded.get("source"):  # the very options it was made with
@@ -457,7 +463,7 @@ def clear(path: str | Path) -> None:
 
 
 def base_location(root: zarr.Group) -> str | None:
-    """The shared store a personal store (made by --output) builds on: its raw data and features are read there."""
+    """The shared store a personal store (made by --personal-store) builds on: its raw data and features are read there."""
     return (root.attrs.get("base") or {}).get("store")
 
 
@@ -472,7 +478,7 @@ def writable_target(location: str, output: str | None) -> str:
         try:
             check_writable(location)
         except PipelineError as exc:
-            raise PipelineError(f"store {location} is read-only here ({exc}); pass --output STORE to write your "
+            raise PipelineError(f"store {location} is read-only here ({exc}); pass --personal-store STORE to write your "
                                 "results to a store of your own that builds on it") from None
         return location
     shared = open_root(location, mode="r")
@@ -480,8 +486,8 @@ def writable_target(location: str, output: str | None) -> str:
     if check_usable(output) == "ours":
         mine = open_root(output)
         if mine.attrs["source"]["fingerprint"] != fingerprint or mine.attrs.get("layout") != shared.attrs.get("layout"):
-            raise PipelineError(f"--output {output} builds on other data than {location} (another source, or other "
-                                "splits or layers); choose another --output")
+            raise PipelineError(f"--personal-store {output} builds on other data than {location} (another source, or other "
+                                "splits or layers); choose another --personal-store")
         return output
     check_writable(output)
     attrs = {k: v for k, v in shared.attrs.asdict().items() if k not in ("format", "schema_version", "created", "base")}

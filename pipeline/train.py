@@ -15,47 +15,43 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 import zarr
 
 from . import cluster, leases, metrics, provenance, representations, store
-from .commands import command, quoted
+from .commands import quoted
 from .errors import PipelineError, disk_full
 from .features import resolve_device
-from .model import Ensemble, Hyper, evaluate, train_ensemble
+from .hyper import LINEAR, Hyper
+from .model import Ensemble, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
+DEFAULT_LABEL = "category_label"  # the original's label, trained on when the store has it and --label is not given
 LAYER_SETS = {"all": None, "visual": "attn1", "text": "attn2"}  # the original's configurations
 MAX_RUNS = 1000  # runs of one configuration train as one ensemble in memory: more is a typo, not a protocol
 MAX_WIDTH, MAX_DEPTH = 1 << 16, 64  # likewise for the MLP's hidden width and depth
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``pipeline train`` takes; the defaults are the original protocol."""
+class TrainConfig(Hyper):
+    """Everything ``pipeline train`` takes; the defaults are the original protocol.
+
+    The hyper-parameter fields (depth, hidden, dropout, lr, ...) are Hyper's, inherited: one copy of
+    them. The trainer gets ``hyper()``, not this config, because a linear model changes what they mean.
+    """
 
     store: str = store.DEFAULT_STORE
     reps: str = "all"  # "all", "a,b" (separate configurations) or "a+b" (concatenated); mixable: "a,b+c"
     layers: str = "all"  # comma-separated layer sets: all, visual, text, or a regex
-    label: str = "category_label"
+    label: str | None = None  # None: category_label if the store has it, else its only classification label
     runs: int = 10
     seed: int = 42
     model: str = "mlp"  # or "linear"
     device: str = "auto"
-    hidden: int = 512
-    depth: int = 3
-    dropout: float = 0.5
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 300
-    patience: int = 15
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
     force: bool = False
     quiet: bool = False
     output: str | None = None  # write the runs here (a personal store) when ``store`` is read-only
@@ -82,11 +78,8 @@ class TrainConfig:
 
     def hyper(self) -> Hyper:
         """What the trainer needs of this config: ``linear`` is depth 0, no hidden layer, no dropout."""
-        linear = self.model == "linear"
-        return Hyper(depth=0 if linear else self.depth, hidden=0 if linear else self.hidden,
-                     dropout=0.0 if linear else self.dropout, lr=self.lr, weight_decay=self.weight_decay,
-                     batch_size=self.batch_size, epochs=self.epochs, patience=self.patience,
-                     plateau_patience=self.plateau_patience, plateau_factor=self.plateau_factor)
+        values = {f.name: getattr(self, f.name) for f in fields(Hyper)}
+        return Hyper(**{**values, **LINEAR} if self.model == "linear" else values)
 
 
 # --- the grid ----------------------------------------------------------------------------------------
@@ -122,7 +115,7 @@ def select(names: list[str], layer_set: str) -> np.ndarray:
 
 
 def feature_home(root: zarr.Group, name: str) -> zarr.Group:
-    """Where a representation's features are read: this store, or the shared store it builds on (--output)."""
+    """Where a representation's features are read: this store, or the shared store it builds on (--personal-store)."""
     base = store.base_location(root)
     if base is None:
         return root
@@ -188,11 +181,26 @@ def check_splits(root: zarr.Group, path: str) -> None:
         if split not in splits:
             raise PipelineError(f"store {path} has no {split!r} split (it has {', '.join(splits)}); training needs train, val and test")
         if splits[split]["n"] == 0:
-            raise PipelineError(f"split {split!r} of store {path} has no rows; materialize with other --test-size/--val-test-size")
+            raise PipelineError(f"split {split!r} of store {path} has no rows; materialize with other --val-size/--test-size")
 
 
-def load_labels(root: zarr.Group, path: str, label: str) -> tuple[dict, dict, str, list[str]]:
+def resolve_label(root: zarr.Group, path: str, label: str | None) -> str:
+    """The label to train on: the one asked for; else category_label (the original's) when the store has
+    it, else the store's only classification label; else a one-line refusal that names the labels it has."""
+    known = root.attrs["labels"]
+    if label is not None or DEFAULT_LABEL in known:
+        return DEFAULT_LABEL if label is None else label
+    classes = [name for name, info in known.items() if info["kind"] != "float"]  # float labels are regression targets
+    if len(classes) == 1:
+        return classes[0]
+    have = ", ".join(f"{name} ({info['kind']})" for name, info in known.items()) or "no labels"
+    what = "several classification labels" if classes else "no classification label"
+    raise PipelineError(f"store {path} has no {DEFAULT_LABEL} and {what}; choose one with --label (it has {have})")
+
+
+def load_labels(root: zarr.Group, path: str, label: str | None) -> tuple[dict, dict, str, list[str]]:
     """Per split the kept positions and targets, the task, and the class names. Rows without a label are dropped."""
+    label = resolve_label(root, path, label)
     known = root.attrs["labels"]
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
@@ -254,8 +262,9 @@ def axis_names(root: zarr.Group, name: str) -> list[str]:
     return [module["name"] for module in root.attrs["modules"]]
 
 
-def load_data(root: zarr.Group, path: str, setup: Setup, label: str, cache: dict | None = None) -> Data:
+def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cache: dict | None = None) -> Data:
     """Slice the stored features to the layer set, flatten per model, concatenate reps, standardise."""
+    label = resolve_label(root, path, label)
     keep, y, task, classes = load_labels(root, path, label)
     cache = {} if cache is None else cache
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -336,22 +345,6 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
         "seed": config.seed,
         **asdict(config.hyper()),
     }
-
-
-def train_command(store_path: str, config: dict, runs: int) -> str:
-    """The ``pipeline train`` call that (re)trains a stored configuration (``runs/<digest>`` attrs "config")."""
-    reps = "+".join(r["name"] for r in config["reps"])
-    args = ["--rep", reps, "--layers", config["layer_set"], "--label", config["label"], "--model", config["model"],
-            "--seed", config["seed"], "--runs", runs]
-    defaults = Hyper()
-    linear = config["model"] == "linear"
-    for name in ("hidden", "depth", "dropout", "lr", "weight_decay", "batch_size", "epochs", "patience", "plateau_patience",
-                 "plateau_factor"):
-        if linear and name in ("hidden", "depth", "dropout"):
-            continue
-        if config[name] != getattr(defaults, name):
-            args += [f"--{name.replace('_', '-')}", config[name]]
-    return command("train", store_path, *args)
 
 
 def config_hash(config: dict) -> str:
@@ -551,6 +544,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
     config = replace(config, store=store.writable_target(config.store, config.output), output=None)
     root = store.open_root(config.store, mode="r")
     check_splits(root, config.store)
+    config = replace(config, label=resolve_label(root, config.store, config.label))  # resolved once: it is hashed
     setups = plan_grid(root, config)
     for setup in setups:  # fail on bad input before training anything
         for name in setup.reps:

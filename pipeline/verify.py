@@ -14,7 +14,7 @@ makes the normal commands redo exactly the damaged pieces: it clears the complet
 damaged raw or label group and of a damaged run, and the progress flag of a damaged feature chunk,
 so that ``materialize``, ``features`` and ``train`` recompute those and nothing else; it deletes
 unreadable metadata documents (their pieces are then rebuilt), damaged lease files and orphaned
-temporary files. A personal store (``--output``) is checked for what it holds; its base is
+temporary files. A personal store (``--personal-store``) is checked for what it holds; its base is
 verified on its own.
 """
 
@@ -30,10 +30,9 @@ import zarr
 from zarr.core.sync import sync
 
 from . import leases, store
-from .commands import command
+from .commands import command, train_command
 from .errors import PipelineError
 from .layers import safe_key
-from .train import train_command
 
 
 @dataclass(frozen=True)
@@ -251,7 +250,7 @@ def _verify_labels(root, path: str, attrs: dict, report: Report, reads: list, bu
     keys = {info.get("key") or safe_key(name) for name, info in attrs["labels"].items()}
     bookkeeping = {"row"} | ({"model_id"} if attrs.get("id_column") else set())
     # A personal store's labels are a copy of its base's: remaking the personal store is their repair.
-    fix = (f"delete {path} and rerun your command with --output {path}" if store.base_location(root) else materialize)
+    fix = (f"delete {path} and rerun your command with --personal-store {path}" if store.base_location(root) else materialize)
     for split, info in attrs["splits"].items():
         expected = {f"labels/{split}": keys}
         index = store.index_path(root, split)  # labels/<split> itself in schema 1

@@ -26,12 +26,7 @@ def python(code: str, *args) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("module", [
-    "pipeline.info",
-    pytest.param("pipeline.verify", marks=pytest.mark.xfail(strict=True, reason=(
-        "verify imports train.train_command, and with it torch; train_command moves to pipeline/commands.py "
-        "(issue 13, branch h13-cli): then drop this mark"))),
-])
+@pytest.mark.parametrize("module", ["pipeline.info", "pipeline.verify"])
 def test_reading_stamps_imports_no_torch(module):
     assert python(f"import sys, {module}; print('torch' in sys.modules)").split() == ["False"]
 

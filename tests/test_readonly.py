@@ -1,5 +1,5 @@
 """A teammate who can only read the shared store: report, info, verify and xarray work and write nothing;
-features and train say so in one line, and write to a store of their own with --output."""
+features and train say so in one line, and write to a store of their own with --personal-store."""
 
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def test_readers_work_and_write_nothing(shared, tmp_path):
 def test_writers_say_it_is_read_only_in_one_line(shared, command):
     before = file_snapshot(shared)
     result = run_cli(*command, "--store", shared)
-    assert_one_line_error(result, f"store {shared} is read-only here", "--output")
+    assert_one_line_error(result, f"store {shared} is read-only here", "--personal-store")
     assert file_snapshot(shared) == before
 
 
 def test_output_store_builds_on_the_shared_one(shared, trained_small, tmp_path):
     before = file_snapshot(shared)
     mine = tmp_path / "mine.zarr"
-    result = run_cli("features", "--store", shared, "--output", mine, "--rep", "simple_stats", "--quiet")
+    result = run_cli("features", "--store", shared, "--personal-store", mine, "--rep", "simple_stats", "--quiet")
     assert result.exit_code == 0, result.output
     # the same numbers as computing them in a writable copy of the shared store
     writable = tmp_path / "writable.zarr"
@@ -77,7 +77,7 @@ def test_output_store_builds_on_the_shared_one(shared, trained_small, tmp_path):
     root = zarr.open_group(str(mine), mode="r")
     assert "raw" not in root and root.attrs["base"]["store"] == str(shared)
     # train on one representation of each store, concatenated; the runs land in mine
-    result = run_cli("train", "--store", shared, "--output", mine, "--rep", "dw_norms+simple_stats", *TRAIN)
+    result = run_cli("train", "--store", shared, "--personal-store", mine, "--rep", "dw_norms+simple_stats", *TRAIN)
     assert result.exit_code == 0, result.output
     assert len(list(zarr.open_group(str(mine), mode="r")["runs"].group_keys())) == 1
     assert file_snapshot(shared) == before
@@ -87,13 +87,13 @@ def test_output_store_builds_on_the_shared_one(shared, trained_small, tmp_path):
     assert run_cli("report", "--store", mine, "--out", tmp_path / "mine-report").exit_code == 0
     info = run_cli("info", "--store", mine)
     assert f"base     {shared}" in info.output
-    # the same --output again: it builds on the same data, and is up to date
-    again = run_cli("features", "--store", shared, "--output", mine, "--rep", "simple_stats")
+    # the same --personal-store again: it builds on the same data, and is up to date
+    again = run_cli("features", "--store", shared, "--personal-store", mine, "--rep", "simple_stats")
     assert again.exit_code == 0 and "up to date simple_stats" in again.output
 
 
 def test_an_output_store_of_other_data_is_refused(shared, synth_dir, tmp_path):
     other = tmp_path / "other.zarr"
     materialize_to(other, synth_dir, layers=SMALL_LAYERS, chunk_mb=0.02, split_seed=7)  # other splits: other data
-    result = run_cli("features", "--store", shared, "--output", other, "--rep", "simple_stats")
-    assert_one_line_error(result, f"--output {other} builds on other data than {shared}")
+    result = run_cli("features", "--store", shared, "--output", other, "--rep", "simple_stats")  # the old spelling of --personal-store
+    assert_one_line_error(result, f"--personal-store {other} builds on other data than {shared}")

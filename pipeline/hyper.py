@@ -1,0 +1,37 @@
+"""The trainer's hyper-parameters: the one copy of their names, defaults (the original protocol) and help.
+
+``Hyper`` is what pipeline/model.py trains with. ``TrainConfig`` (pipeline/train.py) inherits its
+fields; ``pipeline train`` makes one option of each (``--batch-size`` for ``batch_size``), with its
+default and its help from here (the ``help`` metadata, as HuggingFace's ``TrainingArguments`` does);
+a configuration's hash records their values (``runs/<digest>`` attrs "config"), and
+``commands.train_command`` turns the recorded values back into those options. Kept apart from the
+trainer so that reading them imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _(default, help: str):  # noqa: A002 - the name click and argparse give it
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The model and optimisation settings of a configuration."""
+
+    depth: int = _(3, "Hidden layers of the MLP.")
+    hidden: int = _(512, "Width of each hidden layer of the MLP.")
+    dropout: float = _(0.5, "Dropout probability after each hidden layer of the MLP.")
+    lr: float = _(1e-3, "Adam's initial learning rate.")
+    weight_decay: float = _(1e-4, "Adam's L2 weight decay.")
+    batch_size: int = _(64, "Training batch size (a last batch of one row is skipped: BatchNorm cannot train on it).")
+    epochs: int = _(300, "Most epochs per run.")
+    patience: int = _(15, "Stop a run after this many epochs without a better val score; its best weights are kept.")
+    plateau_patience: int = _(10, "Lower the learning rate after more than this many epochs without a better val "
+                                  "score (ReduceLROnPlateau).")
+    plateau_factor: float = _(0.5, "What the learning rate is multiplied by when it is lowered.")
+
+
+LINEAR = {"depth": 0, "hidden": 0, "dropout": 0.0}  # what a linear model trains with: no hidden layer, nothing to drop
