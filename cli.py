@@ -93,7 +93,8 @@ def synth(out, n, rank, modules, seed, quiet):
 @store_option
 @click.option("--source", default=None, help="save_to_disk folder, parquet/arrow files or glob, safetensors folder, or hub id. "
                                              "Default: the built-in synthetic dataset.")
-@click.option("--labels-csv", default=None, help="Labels CSV for a folder of .safetensors adapters (default: labels.csv in it).")
+@click.option("--labels-csv", default=None, help="Labels file (CSV, JSON or JSONL) of a folder of .safetensors adapters (default: labels.csv, metadata.jsonl, ... in it).")
+@click.option("--split-column", default=None, help="Labels column that gives each adapter's split (train, val, test).")
 @click.option("--layers", default=None, help="Regex: keep only matching modules.")
 @click.option("--label", "labels", multiple=True, help="Label column that must exist (repeatable).")
 @click.option("--split-seed", default=42, show_default=True)
@@ -107,7 +108,7 @@ def synth(out, n, rank, modules, seed, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout (one of the same source and layout is resumed, not replaced: repair damage with `pipeline verify --repair`).")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
-def materialize(ctx, store, source, labels_csv, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
+def materialize(ctx, store, source, labels_csv, split_column, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
                 allow_nonfinite, overwrite, quiet):
     """Read each layer once per split into one chunked Zarr store.
 

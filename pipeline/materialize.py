@@ -38,7 +38,8 @@ class MaterializeConfig:
 
     store: str = store.DEFAULT_STORE
     source: str | None = None  # None: the built-in synthetic dataset
-    labels_csv: str | None = None
+    labels_csv: str | None = None  # labels file (CSV, JSON or JSONL) of a folder of adapters
+    split_column: str | None = None  # its column that gives each adapter's split
     layers: str | None = None  # regex over module and column names
     labels: tuple[str, ...] = ()  # label columns that must exist (all scalar columns are kept)
     test_size: float = 0.3
@@ -461,7 +462,7 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
         from .synthetic import builtin_dataset
 
         config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
-    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet)
+    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet, split_column=config.split_column)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it
     store.check_writable(config.store)

@@ -1,10 +1,11 @@
 """Open a LoRA dataset from where researchers keep it, as HuggingFace datasets plus a fingerprint.
 
 Accepted: a local ``save_to_disk`` folder (Dataset or DatasetDict); a folder or glob of parquet or
-arrow files; a folder of ``.safetensors`` adapters with a labels CSV; a hub dataset id; ``zoo:digits``
-(the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
+arrow files; a folder of ``.safetensors`` adapters in any of the layouts of pipeline/adapters.py
+(flat, a folder per adapter, split folders, labels from a file and/or <label>/ folders); a hub
+dataset id; ``zoo:digits`` (the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
 
-A labels CSV is UTF-8 (a byte-order mark is allowed), one row per file; a column's type comes from
+A labels CSV is UTF-8 (a byte-order mark is allowed), one row per adapter; a column's type comes from
 all its values (int64 if every value is an integer, float64 if every value is a number, else
 string; an empty cell is missing). A damaged or unreadable file is one PipelineError naming it.
 """
@@ -12,16 +13,14 @@ string; an empty cell is missing). A damaged or unreadable file is one PipelineE
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -30,9 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors import safe_open
 
+from . import adapters
+from .adapters import column_type, csv_value  # noqa: F401  (their home was here)
 from .errors import PipelineError
+from .layers import pair_modules, parse_lora_column
 
-LABELS_CSV_NAMES = ("labels.csv", "metadata.csv")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Source:
     kind: str  # save_to_disk | files | safetensors | hub | zoo
     splits: dict[str, datasets.Dataset]
     fingerprint: str
+    alpha_from: dict[str, str] = field(default_factory=dict)  # alpha column -> tensor | adapter_config.json | lora_adapter_metadata
+    notes: tuple[str, ...] = ()  # warnings about the source, said before anything is written
 
 
 def _digest(payload) -> str:
@@ -65,14 +68,21 @@ def _as_splits(loaded) -> dict[str, datasets.Dataset]:
     return {"train": loaded}
 
 
-def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False) -> Source:
-    """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars."""
+def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False, split_column: str | None = None) -> Source:
+    """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars.
+
+    ``labels_csv``: the labels file (CSV, JSON or JSONL) of a folder of adapters; ``split_column``: its
+    column that holds each adapter's split.
+    """
     kind = _kind_of(uri)
-    if labels_csv and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
-        raise PipelineError(f"--labels-csv is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
-                            "whose labels are its own columns; drop --labels-csv")
+    for option, value in (("--labels-csv", labels_csv), ("--split-column", split_column)):
+        if value and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
+            raise PipelineError(f"{option} is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
+                                f"whose labels and splits are its own columns; drop {option}")
     with _datasets_output(quiet):
-        return _open(uri, kind, labels_csv)
+        if kind == "safetensors":
+            return _open_safetensors_folder(Path(uri).expanduser(), labels_csv, split_column, quiet)
+        return _open(uri, kind)
 
 
 def _kind_of(uri: str) -> str:
@@ -86,6 +96,11 @@ def _kind_of(uri: str) -> str:
         return "safetensors"
     if _data_files(uri):
         return "files"
+    if path.is_dir():  # adapters in folders (any depth), or a folder that holds none of the layouts
+        if any(p.name.endswith(".safetensors") and not any(part.startswith(".") for part in p.relative_to(path).parts)
+               for p in path.rglob("*.safetensors")):
+            return "safetensors"
+        raise PipelineError(adapters.no_adapters_message(path))
     if path.exists() or any(ch in uri for ch in "*?[") or uri.startswith((".", "/", "~")):
         raise PipelineError(
             f"source {uri!r} holds no dataset: expected a save_to_disk folder, parquet/arrow files, "
@@ -96,7 +111,7 @@ def _kind_of(uri: str) -> str:
     return "hub"
 
 
-def _open(uri: str, kind: str, labels_csv: str | None) -> Source:
+def _open(uri: str, kind: str) -> Source:
     path = Path(uri).expanduser()
     if kind == "zoo":
         from .zoo import builtin_zoo
@@ -108,8 +123,6 @@ def _open(uri: str, kind: str, labels_csv: str | None) -> Source:
         with _reading(f"save_to_disk folder {path}"):
             splits = _as_splits(datasets.load_from_disk(str(path)))
         return Source(str(path), "save_to_disk", splits, _fingerprint_of(splits, "save_to_disk"))
-    if kind == "safetensors":
-        return _open_safetensors_folder(path, labels_csv)
     if kind == "files":
         return _open_files(uri, _data_files(uri))
     return _open_hub(uri)
@@ -268,94 +281,158 @@ def _open_hub(name: str) -> Source:
     return Source(name, "hub", splits, _fingerprint_of(splits, "hub"))
 
 
-# --- a folder of .safetensors adapters plus a labels CSV -------------------------------------------
+# --- a folder of .safetensors adapters (pipeline/adapters.py finds them, their splits and labels) -------
 
 
-def _find_labels_csv(folder: Path, labels_csv: str | None) -> Path:
+def _label_table(found: adapters.Found, labels_csv: str | None) -> adapters.LabelFile | dict[str, adapters.LabelFile] | None:
+    """The labels file given (--labels-csv, any of CSV/JSON/JSONL), else the source's own, else one per split folder."""
     if labels_csv:
         path = Path(labels_csv).expanduser()
         if not path.exists():
-            raise PipelineError(f"labels CSV {labels_csv!r} does not exist")
+            raise PipelineError(f"labels file {labels_csv!r} does not exist")
         if not path.is_file():
-            raise PipelineError(f"labels CSV {labels_csv!r} is a folder, not a file; give the path of the CSV file itself")
-        return path
-    for name in LABELS_CSV_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise PipelineError(f"{folder} holds .safetensors adapters but no labels CSV; add labels.csv (file,<label>,...) or pass --labels-csv")
+            raise PipelineError(f"labels file {labels_csv!r} is a folder, not a file; give the path of the labels file itself")
+        return adapters.read_label_file(path)
+    if None in found.label_files:
+        return adapters.read_label_file(found.label_files[None])
+    if found.label_files:
+        return {split: adapters.read_label_file(path) for split, path in found.label_files.items()}
+    return None
 
 
-def _csv_text(path: Path) -> str:
-    data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise PipelineError(f"labels CSV {path} is UTF-16 encoded, not UTF-8; save it as UTF-8 (CSV UTF-8 in spreadsheet programs)")
-    try:
-        return data.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark must not become part of the first column's name
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"labels CSV {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                            "save it as UTF-8") from None
+def _labels_of(found: adapters.Found, labels_csv: str | None) -> tuple[dict[str, str], list[dict], list[Path]]:
+    """(column -> datasets dtype, each adapter's labels, the labels files read), from files and <label>/ folders."""
+    table = _label_table(found, labels_csv)
+    kinds: dict[str, str] = {}
+    values: list[dict] = [{} for _ in found.adapters]
+    read: list[Path] = []
+    if isinstance(table, adapters.LabelFile):
+        rows = adapters.match_labels(table, found.adapters, found.split_folders, found.root)
+        kinds = dict(table.kinds)
+        values = [dict(zip(table.columns, row)) for row in rows]
+        read = [table.path]
+    elif table:  # one file per split folder: each keys its own split's adapters
+        columns = None
+        for split, part in table.items():
+            if columns is not None and part.columns != columns:
+                raise PipelineError(f"{part.path} has other label columns than {read[0]}; give every split's file the same columns")
+            columns = part.columns
+            members = [i for i, a in enumerate(found.adapters) if a.split == split]
+            for i, row in zip(members, adapters.match_labels(part, [found.adapters[i] for i in members], False, part.path.parent)):
+                values[i] = dict(zip(part.columns, row))
+            read.append(part.path)
+        kinds = {c: _merged_kind([t.kinds[c] for t in table.values()]) for c in columns}
+    folders = adapters.folder_labels(found, have_file=bool(read))
+    if folders is not None:
+        if adapters.FOLDER_LABEL in kinds:
+            raise PipelineError(f"{read[0].name} has a column {adapters.FOLDER_LABEL!r} and the adapters also lie in <label>/ "
+                                f"folders, which give that label; rename the column")
+        kinds[adapters.FOLDER_LABEL] = "string"
+        for row, folder in zip(values, folders):
+            row[adapters.FOLDER_LABEL] = folder
+    if not kinds:
+        raise PipelineError(f"{found.root} holds .safetensors adapters but no labels CSV, JSON or JSONL file and no <label>/ "
+                            "folders; add labels.csv (file,<label>,...) or pass --labels-csv")
+    return kinds, values, read
 
 
-def _read_labels(path: Path) -> tuple[list[str], dict[str, list[str]]]:
-    """(label column names, file name -> that file's label texts); refuses what csv would silently accept."""
-    try:
-        # blank lines, and the all-empty rows spreadsheets leave below the data, are not rows
-        lines = [row for row in csv.reader(io.StringIO(_csv_text(path), newline="")) if any(cell.strip() for cell in row)]
-    except csv.Error as exc:
-        raise PipelineError(f"labels CSV {path} is not valid CSV ({exc}); fix it") from None
-    if len(lines) < 2:
-        raise PipelineError(f"labels CSV {path} has no rows")
-    header = [name.strip() for name in lines[0]]
-    for i, name in enumerate(header):
-        if not name:
-            raise PipelineError(f"labels CSV {path}: column {i + 1} of the header has no name; name it or remove it")
-        if header.index(name) != i:
-            raise PipelineError(f"labels CSV {path} has column {name!r} twice; rename one")
-    key = next((i for i, c in enumerate(header) if c.lower() in ("file", "filename", "file_name", "path")), 0)
-    labels, line_of = {}, {}
-    for number, row in enumerate(lines[1:], start=2):
-        if len(row) != len(header):
-            raise PipelineError(f"labels CSV {path}: row {number} has {len(row)} fields but the header has {len(header)}; fix that row")
-        name = Path(row[key].strip()).name
-        if name in labels:
-            raise PipelineError(f"labels CSV {path} lists {name!r} twice (rows {line_of[name]} and {number}); keep one row per file")
-        labels[name], line_of[name] = [v for i, v in enumerate(row) if i != key], number
-    columns = [c for i, c in enumerate(header) if i != key]
-    if "file" in columns:
-        raise PipelineError(f"labels CSV {path} has a label column named 'file', which holds each row's file name; rename it")
-    return columns, labels
+def _merged_kind(kinds: list[str]) -> str:
+    found = set(kinds)
+    return found.pop() if len(found) == 1 else "float64" if found <= {"int64", "float64"} else "string"
 
 
-_INT = re.compile(r"^[+-]?\d+$")
-_INT64 = 2**63
+def _apply_split_column(found: adapters.Found, kinds: dict, values: list[dict], column: str | None) -> list[str]:
+    """Each adapter's source split: its split folder's, or the labels column ``column`` (then no longer a label)."""
+    if column is None:
+        return [a.split for a in found.adapters]
+    if found.split_folders:
+        raise PipelineError(f"--split-column {column} but {found.root} has split folders, which give the splits; use one of the two")
+    if column not in kinds:
+        raise PipelineError(f"--split-column {column!r} is not a labels column; the columns are {', '.join(sorted(kinds))}")
+    kinds.pop(column)
+    splits = []
+    for adapter, row in zip(found.adapters, values):
+        value = row.pop(column)
+        if value is None or not str(value).strip():
+            raise PipelineError(f"adapter {adapter.id!r} has no value in split column {column!r}; give every adapter its split")
+        splits.append(adapters.SPLIT_FOLDERS.get(str(value).strip().lower(), str(value).strip()))
+    return splits
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return "_" not in text  # Python reads 1_000 as a number; a CSV means text by it
+def _headers(files: list[Path], quiet: bool) -> list[tuple[dict[str, tuple[str, list[int]]], dict | None]]:
+    """Per file: (tensor name -> (safetensors dtype, shape), header metadata), from the headers only."""
+    from tqdm import tqdm
+
+    out = []
+    with tqdm(total=len(files), unit="file", desc="reading headers", disable=quiet or len(files) < 1000, file=sys.stderr) as bar:
+        for path in files:
+            with _reading(f"safetensors file {path}"), safe_open(str(path), framework="numpy") as handle:
+                out.append(({name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()},
+                            handle.metadata()))
+            bar.update(1)
+    return out
 
 
-def column_type(texts: list[str]) -> str:
-    """The type of a CSV column from all its values: int64 if all are integers, float64 if all are numbers, else string.
+def _check_tensor_names(found: adapters.Found, headers) -> None:
+    """Every adapter must hold LoRA tensors, of one naming scheme, with the same names and dimensions as the first."""
+    first_id, (first, _) = found.adapters[0].id, headers[0]
+    first_schemes = None
+    for adapter, (tensors, _) in zip(found.adapters, headers):
+        schemes = {parsed[0] for parsed in map(parse_lora_column, tensors) if parsed}
+        if not schemes:
+            sample = ", ".join(repr(k) for k in sorted(tensors)[:2]) or "none"
+            raise PipelineError(f"{adapter.file} holds no LoRA tensors (its keys: {sample}{', ...' if len(tensors) > 2 else ''}); "
+                                "it matches no naming scheme: remove it from the source")
+        if first_schemes is None:
+            first_schemes = schemes
+        elif schemes != first_schemes:
+            raise PipelineError(f"the adapters mix naming schemes: {first_id!r} is {'+'.join(sorted(first_schemes))}, {adapter.id!r} "
+                                f"is {'+'.join(sorted(schemes))}; keep one scheme per dataset (convert, or split into two sources)")
+        if set(tensors) != set(first):
+            raise PipelineError(f"{adapter.id} has different tensor names than {first_id}; keep one naming scheme per folder")
+        for name, (_, shape) in tensors.items():
+            if len(shape) != len(first[name][1]):
+                raise PipelineError(f"tensor {name!r} is {len(shape)}-D in {adapter.id} but {len(first[name][1])}-D in {first_id}; "
+                                    "every adapter must have the same tensor layout")
 
-    Empty values are missing and do not vote.
-    """
-    present = [t.strip() for t in texts if t.strip()]
-    if all(_INT.match(t) and -_INT64 <= int(t) < _INT64 for t in present):
-        return "int64"
-    if all(_is_float(t) for t in present):
-        return "float64"
-    return "string"
+
+def _tensor_features(headers) -> dict[str, object]:
+    """One Arrow feature per tensor: float16 only if every file stores it as F16 (else Arrow would cut the others)."""
+    first = headers[0][0]
+    features = {}
+    for name, (_, shape) in first.items():
+        kinds = {tensors[name][0] for tensors, _ in headers}
+        # float64 stays float64 here, so materialize can tell a value too large for float32 from a NaN of the source.
+        feature = datasets.Value("float16" if kinds == {"F16"} else "float64" if "F64" in kinds else "float32")
+        for _ in range(len(shape)):
+            feature = datasets.List(feature)
+        features[name] = feature
+    return features
 
 
-def csv_value(text: str, kind: str):
-    """One CSV cell as a value of its column's type (None when empty)."""
-    if not text.strip():
-        return None
-    return int(text) if kind == "int64" else float(text) if kind == "float64" else text
+def _config_alphas(found: adapters.Found, headers) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """Per adapter, alpha column -> alpha from its peft config or lora_adapter_metadata (modules with an .alpha tensor
+    keep theirs); and alpha column -> where it came from. A module some adapters give no alpha has scale 1 in those
+    (alpha = its rank), as diffusers and peft load an adapter that says nothing of alpha."""
+    first = headers[0][0]
+    modules, _ = pair_modules(list(first))
+    ranks = {m.name: int(first[m.down][1][0]) if first[m.down][1] else 1 for m in modules}
+    wanted = [m for m in modules if m.alpha is None]
+    per_adapter, origin = [], {}
+    for adapter, (tensors, metadata) in zip(found.adapters, headers):
+        own_ranks = {m.name: int(tensors[m.down][1][0]) if tensors[m.down][1] else 1 for m in wanted}
+        alphas, where = adapters.adapter_alphas(adapter, own_ranks, metadata)
+        per_adapter.append({f"{m}.alpha": a for m, a in alphas.items()})
+        for module in alphas:
+            origin.setdefault(f"{module}.alpha", where)
+    columns = sorted(origin)
+    for adapter_alphas, (tensors, _) in zip(per_adapter, headers):
+        for column in columns:
+            if column not in adapter_alphas:
+                module = next(m for m in wanted if f"{m.name}.alpha" == column)
+                adapter_alphas[column] = float(tensors[module.down][1][0] if tensors[module.down][1] else ranks[module.name])
+    origin.update({m.alpha: "tensor" for m in modules if m.alpha})
+    return per_adapter, origin
 
 
 def _load_adapter(path: Path) -> dict[str, np.ndarray]:
@@ -371,68 +448,62 @@ def _load_adapter(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _headers(files: list[Path]) -> dict[str, dict[str, tuple[str, int]]]:
-    """file name -> tensor name -> (safetensors dtype, ndim), from the headers only."""
-    out = {}
-    for path in files:
-        with _reading(f"safetensors file {path}"), safe_open(str(path), framework="numpy") as handle:
-            out[path.name] = {name: (handle.get_slice(name).get_dtype(), len(handle.get_slice(name).get_shape()))
-                              for name in handle.keys()}
-    return out
+def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_column: str | None) -> str:
+    """The files' paths, sizes and mtimes, the labels files' bytes, and the configs' bytes: a flat folder with a CSV
+    keeps the fingerprint it always had."""
+    stats = [(a.file.relative_to(found.root).as_posix(), *adapters.os_stat(a.file)) for a in found.adapters]
+    payload = {"kind": "safetensors", "files": stats}
+    if len(label_paths) == 1:
+        payload["csv"] = hashlib.sha256(label_paths[0].read_bytes()).hexdigest()
+    elif label_paths:
+        payload["label_files"] = [(str(p.relative_to(found.root)), hashlib.sha256(p.read_bytes()).hexdigest()) for p in label_paths]
+    configs = sorted({a.config for a in found.adapters if a.config is not None})
+    if configs:
+        payload["configs"] = [(str(c), hashlib.sha256(c.read_bytes()).hexdigest()) for c in configs]
+    if split_column:
+        payload["split_column"] = split_column
+    return _digest(payload)
 
 
-def _tensor_features(headers: dict[str, dict[str, tuple[str, int]]], files: list[Path]) -> dict[str, object]:
-    """One Arrow feature per tensor: float16 only if every file stores it as F16 (else Arrow would cut the others)."""
-    first = headers[files[0].name]
-    for path in files[1:]:
-        if set(headers[path.name]) != set(first):
-            raise PipelineError(f"{path.name} has different tensor names than {files[0].name}; keep one naming scheme per folder")
-        for name, (_, ndim) in headers[path.name].items():
-            if ndim != first[name][1]:
-                raise PipelineError(f"tensor {name!r} is {ndim}-D in {path.name} but {first[name][1]}-D in {files[0].name}; "
-                                    "every adapter must have the same tensor layout")
-    features = {}
-    for name, (_, ndim) in first.items():
-        kinds = {headers[f.name][name][0] for f in files}
-        # float64 stays float64 here, so materialize can tell a value too large for float32 from a NaN of the source.
-        feature = datasets.Value("float16" if kinds == {"F16"} else "float64" if "F64" in kinds else "float32")
-        for _ in range(ndim):
-            feature = datasets.List(feature)
-        features[name] = feature
-    return features
-
-
-def _open_safetensors_folder(folder: Path, labels_csv: str | None) -> Source:
-    files = sorted(folder.glob("*.safetensors"))
-    csv_path = _find_labels_csv(folder, labels_csv)
-    label_columns, labels = _read_labels(csv_path)
-    names = {f.name for f in files}
-    missing = sorted(names - set(labels))
-    if missing:
-        raise PipelineError(f"{len(missing)} adapter file(s) have no row in {csv_path.name}, e.g. {missing[0]!r}; add them or remove the files")
-    unknown = sorted(set(labels) - names)
-    if unknown:
-        raise PipelineError(f"{csv_path.name} names {len(unknown)} file(s) not in {folder}, e.g. {unknown[0]!r}")
-    features = _tensor_features(_headers(files), files)  # headers only: refuse mixed layouts before converting anything
-    clash = sorted(set(features) & set(label_columns))
+def _open_safetensors_folder(folder: Path, labels_csv: str | None, split_column: str | None = None, quiet: bool = True) -> Source:
+    found = adapters.find(folder)
+    kinds, label_values, label_paths = _labels_of(found, labels_csv)
+    splits_of = _apply_split_column(found, kinds, label_values, split_column)
+    if split_column is None and "split" in kinds:
+        notes = [f"labels column 'split' is stored as a label; pass --split-column split to use it as the split"]
+    else:
+        notes = []
+    headers = _headers([a.file for a in found.adapters], quiet)  # headers only: refuse mixed layouts before converting anything
+    _check_tensor_names(found, headers)
+    features = _tensor_features(headers)
+    alphas, alpha_from = _config_alphas(found, headers)
+    features.update({column: datasets.Value("float32") for column in sorted({c for a in alphas for c in a})})
+    clash = sorted(set(features) & set(kinds))
     if clash:
-        raise PipelineError(f"{csv_path.name} has a label column {clash[0]!r} named like a tensor of the adapters; rename it")
-    kinds = {c: column_type([labels[f.name][i] for f in files]) for i, c in enumerate(label_columns)}
+        raise PipelineError(f"{label_paths[0].name if label_paths else 'a <label>/ folder'} has a label column {clash[0]!r} "
+                            "named like a tensor of the adapters; rename it")
     features.update({c: datasets.Value(kind) for c, kind in kinds.items()})
     features["file"] = datasets.Value("string")
 
-    def rows(paths):
-        for path in paths:
-            row = dict(_load_adapter(Path(path)))
-            texts = labels[Path(path).name]
-            row.update({c: csv_value(texts[i], kinds[c]) for i, c in enumerate(label_columns)})
-            row["file"] = Path(path).name
+    def rows(indices):
+        for i in indices:
+            adapter = found.adapters[i]
+            row = _load_adapter(adapter.file)
+            row.update(alphas[i])
+            row.update(label_values[i])
+            row["file"] = adapter.id
             yield row
 
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    fingerprint = _digest({"kind": "safetensors", "files": stats, "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest()})
+    fingerprint = _source_fingerprint(found, label_paths, split_column)
+    by_split: dict[str, list[int]] = {}
+    for i, split in enumerate(splits_of):
+        by_split.setdefault(split, []).append(i)
+    order = {"train": 0, "validation": 1, "test": 2}
+    splits = {}
     with _reading(f"the safetensors adapters in {folder}"):
-        dataset = datasets.Dataset.from_generator(
-            rows, features=datasets.Features(features), gen_kwargs={"paths": [str(f) for f in files]}, fingerprint=fingerprint
-        )
-    return Source(str(folder), "safetensors", {"train": dataset}, fingerprint)
+        for split, indices in sorted(by_split.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
+            splits[split] = datasets.Dataset.from_generator(
+                rows, features=datasets.Features(features), gen_kwargs={"indices": indices},
+                fingerprint=fingerprint if len(by_split) == 1 else _digest([fingerprint, split]), split=datasets.Split(split) if split in order else split,
+            )
+    return Source(str(folder), "safetensors", splits, fingerprint, alpha_from=alpha_from, notes=tuple(notes))
