@@ -28,6 +28,12 @@ from pipeline.train import TrainConfig, train  # noqa: E402
 
 datasets.disable_progress_bars()
 
+
+def pytest_report_header(config):
+    from loras import REAL_NOTE
+
+    return f"layout fixtures: {REAL_NOTE}"
+
 # Four modules of the synthetic dataset (attn1/attn2 x to_q/to_v of the first transformer block):
 # enough to exercise every path, small enough to keep each test well under a second or two.
 SMALL_LAYERS = r"down_blocks\.0\.attentions\.0\."
