@@ -260,6 +260,8 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
             "alpha_column": m.module.alpha, "alpha": m.alpha, "alpha_varies": bool(m.module.alpha) and m.alpha is None,
             "dtype": m.dtype,
         })
+        if m.module.alpha and m.module.alpha in p.source.alpha_from:  # where a folder of adapter files said it
+            modules[-1]["alpha_from"] = p.source.alpha_from[m.module.alpha]
         layers.append({"name": m.module.down, "module": m.module.key, "role": "A", "shape": [m.rank, m.down.cols]})
         layers.append({"name": m.module.up, "module": m.module.key, "role": "B", "shape": [m.up.rows, m.rank]})
     return {
