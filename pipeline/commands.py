@@ -37,4 +37,6 @@ def materialize_args(recorded: dict) -> list[str]:
         args += ["--label", label]
     if recorded.get("allow_nonfinite"):
         args.append("--allow-nonfinite")
+    if recorded.get("verify_source"):
+        args.append("--verify-source")
     return args

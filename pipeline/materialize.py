@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import arrowio, leases, store
+from . import arrowio, fileread, leases, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
@@ -49,6 +49,7 @@ class MaterializeConfig:
     chunk_mb: float = 4.0
     codec: str = "none"  # raw weights: none | lz4 | zstd (crc32c always)
     allow_nonfinite: bool = False
+    verify_source: bool = False  # fingerprint a folder of adapter files by content (sha256), not name, size and mtime
     overwrite: bool = False
     quiet: bool = False
 
@@ -70,6 +71,7 @@ class ModulePlan:
     dtype: str  # stored dtype
     alpha: float | None  # the module's alpha when every adapter has the same one
     rank_varies: bool
+    alphas: dict[str, np.ndarray] | None = None  # source split -> alpha per row, for a folder of adapter files
 
     @property
     def rank(self) -> int:
@@ -150,7 +152,11 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     for name, ds in source.splits.items():
         if list(ds.data.schema.names) != columns:
             raise PipelineError(f"source split {name!r} has different columns than the others; every split needs the same columns")
-    all_modules, alpha_columns = pair_modules(columns)
+    if source.files is not None:  # a folder of adapter files: the weights are in the files, the labels in the tables
+        all_modules = list(source.files.modules)
+        alpha_columns = sorted(m.alpha for m in all_modules if m.alpha)
+    else:
+        all_modules, alpha_columns = pair_modules(columns)
     modules = all_modules
     if not modules:
         raise PipelineError(
@@ -168,13 +174,15 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
             scalar = ", ".join(labels) or "none"
             raise PipelineError(f"label column {wanted!r} is not in the source; scalar columns there: {scalar}")
     ignored = sorted(c for c in columns if c not in all_lora and c not in labels and c not in alpha_columns and c != id_column)
+    if source.files is not None:  # tensors that are not LoRA factors (token embeddings), as a table's non-scalar columns are
+        ignored = sorted(ignored + [t for t in source.files.names if t not in all_lora and t not in alpha_columns])
 
     sizes = {name: ds.num_rows for name, ds in source.splits.items()}
     splits = [SplitPlan(safe_key(s.name), s.source_split, s.rows) for s in
               plan_splits(sizes, config.test_size, config.val_test_size, config.split_seed)]
 
-    module_plans = []
-    for module in modules:
+    module_plans = [_file_module_plan(source, module) for module in modules] if source.files is not None else []
+    for module in modules if source.files is None else []:
         for column in (module.down, module.up):
             for split, ds in source.splits.items():  # every split: arrowio reads offsets of whatever it is given
                 arrow_type = ds.data.schema.field(column).type
@@ -217,6 +225,23 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         "chunk_models": chunk_models, "codec": config.codec,
     }
     return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout)
+
+
+def _file_module_plan(source: Source, module: Module) -> ModulePlan:
+    """A module of a folder of adapter files, from what the headers said (fileread.scan checked the shapes)."""
+    files = source.files
+    ranks = {split: f.ranks[module.name] for split, f in files.splits.items()}
+    rank = int(max(r.max() for r in ranks.values()))
+    down = arrowio.MatrixColumn(module.down, rank, files.shapes[module.down][1], 0, np.dtype(files.numpy_dtype(module.down)))
+    up = arrowio.MatrixColumn(module.up, files.shapes[module.up][0], rank, 1, np.dtype(files.numpy_dtype(module.up)))
+    half = files.dtypes[module.down] == {"F16"} and files.dtypes[module.up] == {"F16"}
+    alphas = {split: f.alphas[module.alpha] for split, f in files.splits.items()} if module.alpha else None
+    alpha = None
+    if alphas:
+        values = np.unique(np.concatenate(list(alphas.values())))
+        alpha = float(values[0]) if len(values) == 1 else None
+    rank_varies = bool(any((r != rank).any() for r in ranks.values()))
+    return ModulePlan(module, down, up, ranks, "float16" if half else "float32", alpha, rank_varies, alphas)
 
 
 # --- the store's description --------------------------------------------------------------------------
@@ -363,8 +388,11 @@ class _Writer:
         self._pending = None
 
     def write(self, array, start: int, stop: int, values: np.ndarray) -> None:
+        self.submit(array.__setitem__, slice(start, stop), values)
+
+    def submit(self, fn, *args) -> None:
         self.wait()
-        self._pending = self._pool.submit(array.__setitem__, slice(start, stop), values)
+        self._pending = self._pool.submit(fn, *args)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -399,13 +427,80 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
                 _check_finite(values, column, rows, _as_in_source(table.column(column), spec, ranks, rows))
             writer.write(array, start, stop, values)
             written += values.nbytes
+    alpha = table.column(mp.module.alpha).to_numpy(zero_copy_only=False) if mp.module.alpha and mp.alpha is None else None
+    _write_rank_alpha(root, split, mp, alpha)
+    writer.wait()  # the completion mark must follow the data
+    return written
+
+
+def _write_rank_alpha(root, split: SplitPlan, mp: ModulePlan, alpha: np.ndarray | None) -> None:
+    """The per-adapter rank (when it varies) and alpha (when it varies; ``alpha``: per source row) of one module."""
+    path, n = f"raw/{split.name}/{mp.module.key}", len(split.rows)
     if mp.rank_varies:
         ranks = mp.ranks[split.source_split][split.rows].astype(np.int32)
         store.require_array(root, f"{path}/rank", (n,), (max(n, 1),), "int32", ("model",))[:] = ranks
-    if mp.module.alpha and mp.alpha is None:
-        alpha = table.column(mp.module.alpha).to_numpy(zero_copy_only=False)[split.rows].astype(np.float32)
-        store.require_array(root, f"{path}/alpha", (n,), (max(n, 1),), "float32", ("model",))[:] = alpha
-    writer.wait()  # the completion mark must follow the data
+    if alpha is not None:
+        store.require_array(root, f"{path}/alpha", (n,), (max(n, 1),), "float32", ("model",))[:] = alpha[split.rows].astype(np.float32)
+
+
+_PROGRESS = "files_progress"  # attribute of raw/<split>: rows of a folder of adapter files written for all of its modules
+
+
+def _reusable(root, path: str, shape: tuple, chunks: tuple, dtype: str) -> bool:
+    node = store.member(root, path)
+    return node is not None and getattr(node, "shape", None) == shape and node.chunks == chunks and node.dtype == np.dtype(dtype)
+
+
+def _copy_file_split(root, split: SplitPlan, mps: list[ModulePlan], source: Source, config: MaterializeConfig, chunk: int,
+                     writer: _Writer, bar) -> int:
+    """The unfinished modules ``mps`` of one split, from the adapter files: each file opened once per split, its
+    matrices scattered into every module's arrays, in chunk-aligned batches of at most a third of ``--memory``.
+
+    After each batch is written, ``raw/<split>`` records how many rows are done for which modules, so a killed run
+    resumes at the next batch (when the same modules are unfinished and their arrays are still there)."""
+    n = len(split.rows)
+    dims = {"A": ("model", "rank", "in"), "B": ("model", "out", "rank")}
+    arrays, reusable = {}, True
+    for mp in mps:
+        for role, column, spec in (("A", mp.module.down, mp.down), ("B", mp.module.up, mp.up)):
+            path, shape = f"raw/{split.name}/{mp.module.key}/{role}", (n, spec.rows, spec.cols)
+            reusable = reusable and _reusable(root, path, shape, (chunk, spec.rows, spec.cols), mp.dtype)
+            arrays[mp.module.name, role] = store.require_array(
+                root, path, shape, (chunk, spec.rows, spec.cols), mp.dtype, dims[role],
+                store.raw_compressors(config.codec, np.dtype(mp.dtype).itemsize), {"column": column})
+    group = root.require_group(f"raw/{split.name}")
+    keys = sorted(mp.module.key for mp in mps)
+    done = group.attrs.get(_PROGRESS) or {}
+    first = int(done.get("rows", 0)) if reusable and set(keys) <= set(done.get("modules", ())) else 0
+    if first == 0 and done:
+        store.update_attrs(group, {_PROGRESS: None})
+    row_bytes = sum(mp.row_bytes() for mp in mps)
+    per_batch = max(chunk, (config.memory // 3 // max(row_bytes, 1)) // chunk * chunk)
+    todo = [(mp.module, mp.rank, mp.down.cols, mp.up.rows, mp.dtype) for mp in mps]
+    files = source.files.splits[split.source_split]
+
+    def write(start: int, stop: int, batch: dict, modules: list[str]) -> None:
+        for (name, role), array in arrays.items():
+            array[start:stop] = batch[name][0 if role == "A" else 1]
+        store.update_attrs(group, {_PROGRESS: {"rows": stop, "modules": modules}})  # after the data, as a mark is
+
+    written = 0
+    if bar and first:
+        bar.update(layers=first, nbytes=0)
+    for start in range(first, n, per_batch):
+        stop = min(n, start + per_batch)
+        batch = fileread.read_rows(source.files, files, split.rows[start:stop], todo, not config.allow_nonfinite)
+        writer.submit(write, start, stop, batch, keys)
+        nbytes = (stop - start) * row_bytes
+        written += nbytes
+        if bar:
+            bar.update(layers=stop - start, nbytes=nbytes)
+    writer.wait()
+    for mp in mps:
+        alpha = None
+        if mp.module.alpha and mp.alpha is None:
+            alpha = mp.alphas[split.source_split]
+        _write_rank_alpha(root, split, mp, alpha)
     return written
 
 
@@ -444,6 +539,22 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
     store.mark_complete(root, path)
 
 
+def _copy_files(root, p: Plan, todo: list[tuple[SplitPlan, ModulePlan]], source: Source, config: MaterializeConfig, writer,
+                bar) -> int:
+    """A folder of adapter files, split by split: every unfinished module of a split in one pass over its files."""
+    written = 0
+    for split in p.splits:
+        mps = [mp for s, mp in todo if s is split]
+        if not mps:
+            continue
+        chunk = min(p.chunk_models, max(len(split.rows), 1))
+        written += _copy_file_split(root, split, mps, source, config, chunk, writer, bar)
+        for mp in mps:
+            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=len(split.rows) * mp.row_bytes())
+        store.update_attrs(root[f"raw/{split.name}"], {_PROGRESS: None})
+    return written
+
+
 @dataclass
 class Summary:
     store: str
@@ -464,7 +575,8 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
         from .synthetic import builtin_dataset
 
         config = replace(config, source=str(builtin_dataset(quiet=config.quiet)))
-    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet, split_column=config.split_column)
+    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet, split_column=config.split_column,
+                                   verify_source=config.verify_source)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it
     store.check_writable(config.store)
@@ -480,13 +592,20 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
     todo = [(s, m) for s in p.splits for m in p.modules if not store.group_complete(root, f"raw/{s.name}/{m.module.key}")]
     skipped = len(p.splits) * len(p.modules) - len(todo)
     written = 0
-    bar = progress(total_layers=2 * len(todo), total_bytes=sum(len(s.rows) * m.row_bytes() for s, m in todo)) if progress else None
+    total_bytes = sum(len(s.rows) * m.row_bytes() for s, m in todo)
+    if source.files is not None:  # files are read a batch of adapters at a time: the bar counts adapters
+        total = sum(len(s.rows) for s in p.splits if any(t[0] is s for t in todo))
+        bar = progress(total_layers=total, total_bytes=total_bytes, unit="adapter") if progress else None
+    else:
+        bar = progress(total_layers=2 * len(todo), total_bytes=total_bytes) if progress else None
     writer = _Writer()
     try:
         for split in p.splits:
             if not (store.group_complete(root, f"labels/{split.name}") and store.group_complete(root, store.index_path(root, split.name))):
                 _write_labels(root, p, split)
-        for split, mp in todo:
+        if source.files is not None:
+            written = _copy_files(root, p, todo, source, config, writer, bar)
+        for split, mp in todo if source.files is None else []:
             chunk = min(p.chunk_models, max(len(split.rows), 1))
             nbytes = _copy_module(root, split, mp, source, config, chunk, writer)
             store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=nbytes)

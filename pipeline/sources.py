@@ -24,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors import safe_open
 
-from . import adapters
+from . import adapters, fileread
 from .adapters import column_type, csv_value  # noqa: F401  (their home was here)
 from .errors import PipelineError
-from .layers import pair_modules, parse_lora_column
 
 
 
@@ -46,6 +44,7 @@ class Source:
     fingerprint: str
     alpha_from: dict[str, str] = field(default_factory=dict)  # alpha column -> tensor | adapter_config.json | lora_adapter_metadata
     notes: tuple[str, ...] = ()  # warnings about the source, said before anything is written
+    files: fileread.FileTensors | None = None  # a folder of adapter files: the weights stay in them, read by materialize
 
 
 def _digest(payload) -> str:
@@ -68,20 +67,22 @@ def _as_splits(loaded) -> dict[str, datasets.Dataset]:
     return {"train": loaded}
 
 
-def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False, split_column: str | None = None) -> Source:
+def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False, split_column: str | None = None,
+                verify_source: bool = False) -> Source:
     """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars.
 
     ``labels_csv``: the labels file (CSV, JSON or JSONL) of a folder of adapters; ``split_column``: its
-    column that holds each adapter's split.
+    column that holds each adapter's split; ``verify_source``: fingerprint the adapter files by their content
+    (a sha256 of every byte) rather than by name, size and modification time.
     """
     kind = _kind_of(uri)
-    for option, value in (("--labels-csv", labels_csv), ("--split-column", split_column)):
+    for option, value in (("--labels-csv", labels_csv), ("--split-column", split_column), ("--verify-source", verify_source)):
         if value and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
             raise PipelineError(f"{option} is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
                                 f"whose labels and splits are its own columns; drop {option}")
     with _datasets_output(quiet):
         if kind == "safetensors":
-            return _open_safetensors_folder(Path(uri).expanduser(), labels_csv, split_column, quiet)
+            return _open_safetensors_folder(Path(uri).expanduser(), labels_csv, split_column, quiet, verify_source)
         return _open(uri, kind)
 
 
@@ -359,100 +360,30 @@ def _apply_split_column(found: adapters.Found, kinds: dict, values: list[dict], 
     return splits
 
 
-def _headers(files: list[Path], quiet: bool) -> list[tuple[dict[str, tuple[str, list[int]]], dict | None]]:
-    """Per file: (tensor name -> (safetensors dtype, shape), header metadata), from the headers only."""
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_column: str | None, verify: bool, quiet: bool) -> str:
+    """The files' paths, sizes and mtimes (their content hashes under ``verify``), the labels files' and the peft configs'
+    bytes: a flat folder with a CSV keeps the fingerprint it always had."""
     from tqdm import tqdm
 
-    out = []
-    with tqdm(total=len(files), unit="file", desc="reading headers", disable=quiet or len(files) < 1000, file=sys.stderr) as bar:
-        for path in files:
-            with _reading(f"safetensors file {path}"), safe_open(str(path), framework="numpy") as handle:
-                out.append(({name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()},
-                            handle.metadata()))
-            bar.update(1)
-    return out
-
-
-def _check_tensor_names(found: adapters.Found, headers) -> None:
-    """Every adapter must hold LoRA tensors, of one naming scheme, with the same names and dimensions as the first."""
-    first_id, (first, _) = found.adapters[0].id, headers[0]
-    first_schemes = None
-    for adapter, (tensors, _) in zip(found.adapters, headers):
-        schemes = {parsed[0] for parsed in map(parse_lora_column, tensors) if parsed}
-        if not schemes:
-            sample = ", ".join(repr(k) for k in sorted(tensors)[:2]) or "none"
-            raise PipelineError(f"{adapter.file} holds no LoRA tensors (its keys: {sample}{', ...' if len(tensors) > 2 else ''}); "
-                                "it matches no naming scheme: remove it from the source")
-        if first_schemes is None:
-            first_schemes = schemes
-        elif schemes != first_schemes:
-            raise PipelineError(f"the adapters mix naming schemes: {first_id!r} is {'+'.join(sorted(first_schemes))}, {adapter.id!r} "
-                                f"is {'+'.join(sorted(schemes))}; keep one scheme per dataset (convert, or split into two sources)")
-        if set(tensors) != set(first):
-            raise PipelineError(f"{adapter.id} has different tensor names than {first_id}; keep one naming scheme per folder")
-        for name, (_, shape) in tensors.items():
-            if len(shape) != len(first[name][1]):
-                raise PipelineError(f"tensor {name!r} is {len(shape)}-D in {adapter.id} but {len(first[name][1])}-D in {first_id}; "
-                                    "every adapter must have the same tensor layout")
-
-
-def _tensor_features(headers) -> dict[str, object]:
-    """One Arrow feature per tensor: float16 only if every file stores it as F16 (else Arrow would cut the others)."""
-    first = headers[0][0]
-    features = {}
-    for name, (_, shape) in first.items():
-        kinds = {tensors[name][0] for tensors, _ in headers}
-        # float64 stays float64 here, so materialize can tell a value too large for float32 from a NaN of the source.
-        feature = datasets.Value("float16" if kinds == {"F16"} else "float64" if "F64" in kinds else "float32")
-        for _ in range(len(shape)):
-            feature = datasets.List(feature)
-        features[name] = feature
-    return features
-
-
-def _config_alphas(found: adapters.Found, headers) -> tuple[list[dict[str, float]], dict[str, str]]:
-    """Per adapter, alpha column -> alpha from its peft config or lora_adapter_metadata (modules with an .alpha tensor
-    keep theirs); and alpha column -> where it came from. A module some adapters give no alpha has scale 1 in those
-    (alpha = its rank), as diffusers and peft load an adapter that says nothing of alpha."""
-    first = headers[0][0]
-    modules, _ = pair_modules(list(first))
-    ranks = {m.name: int(first[m.down][1][0]) if first[m.down][1] else 1 for m in modules}
-    wanted = [m for m in modules if m.alpha is None]
-    per_adapter, origin = [], {}
-    for adapter, (tensors, metadata) in zip(found.adapters, headers):
-        own_ranks = {m.name: int(tensors[m.down][1][0]) if tensors[m.down][1] else 1 for m in wanted}
-        alphas, where = adapters.adapter_alphas(adapter, own_ranks, metadata)
-        per_adapter.append({f"{m}.alpha": a for m, a in alphas.items()})
-        for module in alphas:
-            origin.setdefault(f"{module}.alpha", where)
-    columns = sorted(origin)
-    for adapter_alphas, (tensors, _) in zip(per_adapter, headers):
-        for column in columns:
-            if column not in adapter_alphas:
-                module = next(m for m in wanted if f"{m.name}.alpha" == column)
-                adapter_alphas[column] = float(tensors[module.down][1][0] if tensors[module.down][1] else ranks[module.name])
-    origin.update({m.alpha: "tensor" for m in modules if m.alpha})
-    return per_adapter, origin
-
-
-def _load_adapter(path: Path) -> dict[str, np.ndarray]:
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    out = {}
-    for name, tensor in tensors.items():
-        if tensor.dtype == torch.bfloat16:  # numpy and Arrow have no bfloat16; float32 holds it exactly
-            tensor = tensor.float()
-        out[name] = tensor.numpy()
-    return out
-
-
-def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_column: str | None) -> str:
-    """The files' paths, sizes and mtimes, the labels files' bytes, and the configs' bytes: a flat folder with a CSV
-    keeps the fingerprint it always had."""
-    stats = [(a.file.relative_to(found.root).as_posix(), *adapters.os_stat(a.file)) for a in found.adapters]
+    stats = []
+    total = sum(adapters.os_stat(a.file)[0] for a in found.adapters) if verify else 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing adapter files", disable=quiet or not verify, file=sys.stderr) as bar:
+        for a in found.adapters:
+            size, mtime = adapters.os_stat(a.file)
+            stats.append((a.file.relative_to(found.root).as_posix(), size, _file_digest(a.file) if verify else mtime))
+            bar.update(size if verify else 0)
     payload = {"kind": "safetensors", "files": stats}
+    if verify:
+        payload["content"] = "sha256"
     if len(label_paths) == 1:
         payload["csv"] = hashlib.sha256(label_paths[0].read_bytes()).hexdigest()
     elif label_paths:
@@ -465,45 +396,27 @@ def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_co
     return _digest(payload)
 
 
-def _open_safetensors_folder(folder: Path, labels_csv: str | None, split_column: str | None = None, quiet: bool = True) -> Source:
+def _open_safetensors_folder(folder: Path, labels_csv: str | None, split_column: str | None = None, quiet: bool = True,
+                             verify: bool = False) -> Source:
+    """The adapters under ``folder``: labels as small in-memory datasets, weights left in their files (read by materialize)."""
     found = adapters.find(folder)
     kinds, label_values, label_paths = _labels_of(found, labels_csv)
     splits_of = _apply_split_column(found, kinds, label_values, split_column)
+    notes = []
     if split_column is None and "split" in kinds:
-        notes = [f"labels column 'split' is stored as a label; pass --split-column split to use it as the split"]
-    else:
-        notes = []
-    headers = _headers([a.file for a in found.adapters], quiet)  # headers only: refuse mixed layouts before converting anything
-    _check_tensor_names(found, headers)
-    features = _tensor_features(headers)
-    alphas, alpha_from = _config_alphas(found, headers)
-    features.update({column: datasets.Value("float32") for column in sorted({c for a in alphas for c in a})})
-    clash = sorted(set(features) & set(kinds))
+        notes.append("labels column 'split' is stored as a label; pass --split-column split to use it as the split")
+    tensors = fileread.scan(found, splits_of, quiet)  # headers only: refuse mixed layouts before reading any weight
+    clash = sorted(set(tensors.shapes) & set(kinds))
     if clash:
         raise PipelineError(f"{label_paths[0].name if label_paths else 'a <label>/ folder'} has a label column {clash[0]!r} "
                             "named like a tensor of the adapters; rename it")
-    features.update({c: datasets.Value(kind) for c, kind in kinds.items()})
-    features["file"] = datasets.Value("string")
-
-    def rows(indices):
-        for i in indices:
-            adapter = found.adapters[i]
-            row = _load_adapter(adapter.file)
-            row.update(alphas[i])
-            row.update(label_values[i])
-            row["file"] = adapter.id
-            yield row
-
-    fingerprint = _source_fingerprint(found, label_paths, split_column)
-    by_split: dict[str, list[int]] = {}
-    for i, split in enumerate(splits_of):
-        by_split.setdefault(split, []).append(i)
-    order = {"train": 0, "validation": 1, "test": 2}
+    features = datasets.Features({**{c: datasets.Value(kind) for c, kind in kinds.items()}, "file": datasets.Value("string")})
+    fingerprint = _source_fingerprint(found, label_paths, split_column, verify, quiet)
     splits = {}
-    with _reading(f"the safetensors adapters in {folder}"):
-        for split, indices in sorted(by_split.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
-            splits[split] = datasets.Dataset.from_generator(
-                rows, features=datasets.Features(features), gen_kwargs={"indices": indices},
-                fingerprint=fingerprint if len(by_split) == 1 else _digest([fingerprint, split]), split=datasets.Split(split) if split in order else split,
-            )
-    return Source(str(folder), "safetensors", splits, fingerprint, alpha_from=alpha_from, notes=tuple(notes))
+    for split in tensors.splits:  # in memory: a few label columns, no weights, nothing written to a cache
+        members = [i for i, s in enumerate(splits_of) if s == split]
+        data = {c: [label_values[i].get(c) for i in members] for c in kinds}
+        data["file"] = [found.adapters[i].id for i in members]
+        splits[split] = datasets.Dataset.from_dict(data, features=features)
+    return Source(str(folder), "safetensors", splits, fingerprint, alpha_from=tensors.alpha_from, notes=tuple(notes),
+                  files=tensors)
