@@ -105,13 +105,15 @@ def synth(out, n, rank, modules, seed, quiet):
 @click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), default="none", show_default=True,
               help="Compression of the raw weights (crc32c checksums always).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
+@click.option("--min-split", type=int, default=None,
+              help="Refuse a split of fewer adapters than this, or a class missing from a split (default: warn below 10).")
 @click.option("--verify-source", is_flag=True,
               help="Fingerprint a folder of adapter files by their content (reads every file once more), not name, size and mtime.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout (one of the same source and layout is resumed, not replaced: repair damage with `pipeline verify --repair`).")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
 def materialize(ctx, store, source, labels_csv, split_column, layers, labels, split_seed, test_size, val_test_size, memory, chunk_mb, codec,
-                allow_nonfinite, verify_source, overwrite, quiet):
+                allow_nonfinite, min_split, verify_source, overwrite, quiet):
     """Read each layer once per split into one chunked Zarr store.
 
     On an existing store, the options it was made with are used for those not given here: so
@@ -137,7 +139,8 @@ def materialize(ctx, store, source, labels_csv, split_column, layers, labels, sp
         with _zoo_progress(quiet) as bars:
             builtin_zoo(config.source, progress=bars)
     summary = run(config, progress=progress.factory("materialize", config.quiet),
-                  on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
+                  on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder),
+                  on_warning=None if config.quiet else lambda line: click.echo(f"warning: {line}", err=True))
     if not config.quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "

@@ -20,7 +20,7 @@ def quoted(stage: str, store: str, *args) -> str:
 
 
 _MATERIALIZE_FLAGS = {  # MaterializeConfig field -> option of `pipeline materialize`
-    "source": "--source", "labels_csv": "--labels-csv", "split_column": "--split-column", "layers": "--layers", "test_size": "--test-size",
+    "source": "--source", "labels_csv": "--labels-csv", "split_column": "--split-column", "min_split": "--min-split", "layers": "--layers", "test_size": "--test-size",
     "val_test_size": "--val-test-size", "split_seed": "--split-seed", "memory": "--memory", "chunk_mb": "--chunk-mb",
     "codec": "--codec",
 }

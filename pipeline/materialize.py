@@ -9,6 +9,7 @@ budget) and marks it complete last, so a rerun skips finished modules and redoes
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import arrowio, fileread, leases, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
-from .splits import SplitPlan, check_split_options, plan_splits
+from .splits import SplitPlan, check_split_options, plan_splits, split_warnings
 
 GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
@@ -49,6 +50,7 @@ class MaterializeConfig:
     chunk_mb: float = 4.0
     codec: str = "none"  # raw weights: none | lz4 | zstd (crc32c always)
     allow_nonfinite: bool = False
+    min_split: int | None = None  # refuse (not just warn about) a split of fewer adapters, or a class missing from a split
     verify_source: bool = False  # fingerprint a folder of adapter files by content (sha256), not name, size and mtime
     overwrite: bool = False
     quiet: bool = False
@@ -60,6 +62,9 @@ class MaterializeConfig:
             raise PipelineError(f"--chunk-mb {self.chunk_mb!r} is not a size in MB above 0 (e.g. 4)")
         if not _positive(self.memory):
             raise PipelineError(f"--memory {self.memory!r} is not a budget above 0 bytes (e.g. 1GiB)")
+        if self.min_split is not None and (isinstance(self.min_split, bool) or not isinstance(self.min_split, (int, np.integer))
+                                           or self.min_split < 1):
+            raise PipelineError(f"--min-split {self.min_split!r} is not a whole number of adapters >= 1 (e.g. 10)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Plan:
     ignored: list[str]
     chunk_models: int
     layout: dict = field(default_factory=dict)  # what must match for a store to be resumed
+    notes: tuple[str, ...] = ()  # warnings, said before anything is written
 
 
 # --- planning: everything checked before anything is written ----------------------------------------
@@ -224,7 +230,22 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         "split_seed": config.split_seed, "test_size": config.test_size, "val_test_size": config.val_test_size,
         "chunk_models": chunk_models, "codec": config.codec,
     }
-    return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout)
+    notes = tuple(source.notes) + tuple(split_warnings(splits, _classes_in(source, splits, labels), config.min_split))
+    return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout, notes)
+
+
+def _classes_in(source: Source, splits: list[SplitPlan], labels: dict[str, dict]) -> dict[str, dict[str, set]]:
+    """label -> split -> classes present, for the class-like labels (at most half as many classes as adapters)."""
+    n = sum(ds.num_rows for ds in source.splits.values())
+    out = {}
+    for name, info in labels.items():
+        if info["kind"] not in ("categorical", "bool") or (info["kind"] == "categorical" and len(info["classes"]) * 2 > n):
+            continue
+        out[name] = {}
+        for split in splits:
+            values = source.splits[split.source_split].data.column(name).take(pa.array(split.rows)).to_pylist()
+            out[name][split.name] = {str(v) for v in values if v is not None}
+    return out
 
 
 def _file_module_plan(source: Source, module: Module) -> ModulePlan:
@@ -562,10 +583,14 @@ class Summary:
     modules_skipped: int
     bytes_written: int
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
-def materialize(config: MaterializeConfig, source: Source | None = None, progress=None, on_wait=None) -> Summary:
+def materialize(config: MaterializeConfig, source: Source | None = None, progress=None, on_wait=None, on_warning=None) -> Summary:
     """Run stage 1; see the module docstring. ``progress(bytes, layers)`` is called as layers finish.
+
+    ``on_warning(line)`` is called with each warning (small or odd splits, a ``split`` label column), before anything
+    is written; without it they are ``warnings.warn``-ed unless ``quiet``. ``Summary.warnings`` holds them too.
 
     One materialize at a time per store: a second one waits (``on_wait(holder)`` is called), then
     finds the layers done and skips them.
@@ -582,13 +607,18 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
     store.check_writable(config.store)
     lease = leases.take(store.zarr_store(config.store), "materialize", on_wait=on_wait)
     try:
-        return _materialize(config, source, p, progress, started)
+        return _materialize(config, source, p, progress, started, on_warning)
     finally:
         lease.release()
 
 
-def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, started: float) -> Summary:
+def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, started: float, on_warning) -> Summary:
     root = _open_or_create(config, p)
+    for note in p.notes:  # after every refusal, before the first byte of data
+        if on_warning is not None:
+            on_warning(note)
+        elif not config.quiet:
+            warnings.warn(note, UserWarning, stacklevel=3)
     todo = [(s, m) for s in p.splits for m in p.modules if not store.group_complete(root, f"raw/{s.name}/{m.module.key}")]
     skipped = len(p.splits) * len(p.modules) - len(todo)
     written = 0
@@ -621,4 +651,4 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
         writer.close()
         if bar:
             bar.close()
-    return Summary(config.store, len(todo), skipped, written, time.perf_counter() - started)
+    return Summary(config.store, len(todo), skipped, written, time.perf_counter() - started, p.notes)

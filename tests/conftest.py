@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Keep the datasets cache (safetensors folders are turned into Arrow there) out of the user's home,
+# Keep the datasets cache (parquet/arrow sources are turned into Arrow there) out of the user's home,
 # and never touch the network. Set before `datasets` is imported anywhere.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="pipeline-tests-hf-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
