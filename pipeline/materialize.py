@@ -150,6 +150,11 @@ def _label_plan(source: Source, columns: list[str], id_column: str | None = None
     return labels
 
 
+def _unique_in_each_split(source: Source, column: str) -> bool:
+    """An id names one adapter: a column that repeats a value (LoRA-WiSE's ``name``, the concept) is a label instead."""
+    return all(len(pc.unique(ds.data.column(column))) == ds.num_rows for ds in source.splits.values())
+
+
 def plan(source: Source, config: MaterializeConfig) -> Plan:
     """Inspect ``source`` and refuse bad input; reads metadata and list offsets, never weight values."""
     first = next(iter(source.splits.values()))
@@ -172,7 +177,8 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     modules = select_modules(modules, config.layers)
     lora_columns = {c for m in modules for c in (m.down, m.up)}
     all_lora = {c for m in all_modules for c in (m.down, m.up)}
-    id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
+    id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"
+                      and _unique_in_each_split(source, c)), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
     labels = _label_plan(source, label_candidates, id_column)
     for wanted in config.labels:
