@@ -576,9 +576,10 @@ def _copy_files(root, p: Plan, todo: list[tuple[SplitPlan, ModulePlan]], source:
             continue
         chunk = min(p.chunk_models, max(len(split.rows), 1))
         written += _copy_file_split(root, split, mps, source, config, chunk, writer, bar)
+        # the progress goes before the marks: a stale one could later skip rows of a module that verify --repair reopened
+        store.update_attrs(root[f"raw/{split.name}"], {_PROGRESS: None})
         for mp in mps:
             store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=len(split.rows) * mp.row_bytes())
-        store.update_attrs(root[f"raw/{split.name}"], {_PROGRESS: None})
     return written
 
 

@@ -128,3 +128,21 @@ def test_token_embeddings_of_a_file_are_listed_as_ignored(tmp_path):
     (root / "labels.csv").write_text("file,y\nm0,0\nm1,1\n")
     materialize_to(tmp_path / "s.zarr", root)
     assert open_store(tmp_path / "s.zarr").attrs["ignored_columns"] == ["<s1>"]
+
+
+def test_a_module_reopened_by_repair_is_read_again_whole(tree, clean, tmp_path):
+    import shutil
+
+    from pipeline import store as store_mod
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean, store)
+    root = open_store(store)
+    key = root.attrs["modules"][3]["key"]
+    chunk = next(p for p in (store / "raw" / "train" / key / "B" / "c").rglob("*") if p.is_file())
+    chunk.unlink()  # damage, then what verify --repair does: the group loses its mark
+    import zarr
+
+    store_mod.mark_incomplete(zarr.open_group(str(store), mode="r+"), f"raw/train/{key}")
+    materialize_to(store, tree, chunk_mb=0.02, memory=64 * 2**10)
+    assert_same_arrays(store, clean)
