@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shared() -> Path | None:
-    candidates = [Path(os.environ["PIPELINE_SHARED"])] if os.environ.get("PIPELINE_SHARED") else []
-    candidates.append(ROOT / ".." / "shared")
+    if "PIPELINE_SHARED" in os.environ:  # only there (PIPELINE_SHARED=/nowhere runs the tests as a fresh clone would)
+        candidates = [Path(os.environ["PIPELINE_SHARED"])]
+        return next((c.resolve() for c in candidates if (c / "data" / "real-loras").is_dir()), None)
+    candidates = [ROOT / ".." / "shared"]
     git = ROOT / ".git"
     if git.is_file():  # a git worktree: .git is "gitdir: <main>/.git/worktrees/<name>"
         gitdir = Path(git.read_text().split(":", 1)[1].strip())
