@@ -200,10 +200,11 @@ def synth(out, n, rank, modules, seed, quiet):
 
 @main.command()
 @store_option
-@option("--source", config=MATERIALIZE, help="save_to_disk folder, parquet/arrow files or glob, safetensors folder, zoo:digits "
+@option("--source", config=MATERIALIZE, help="save_to_disk folder, parquet/arrow files or glob, a folder of adapter files (any layout: docs/materialize.md), zoo:digits "
                                             "or hub id (default: the built-in synthetic dataset).")
 @option("--labels-csv", config=MATERIALIZE,
-        help="Labels CSV for a folder of .safetensors adapters (default: labels.csv in it).")
+        help="Labels file (CSV, JSON or JSONL) of a folder of .safetensors adapters (default: labels.csv, metadata.jsonl, ... in it).")
+@option("--split-column", config=MATERIALIZE, help="Labels column that gives each adapter's split (train, val, test).")
 @option("--modules", "layers", config=MATERIALIZE,
         help="Regex: keep only the LoRA modules whose name (or a column name) it matches (default: every module).")
 @old_spelling("--layers", "--modules", "layers")
@@ -223,6 +224,10 @@ def synth(out, n, rank, modules, seed, quiet):
 @option("--codec", type=click.Choice(["none", "lz4", "zstd"]), config=MATERIALIZE,
         help="Compression of the raw weights (crc32c checksums always).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf weights instead of refusing them.")
+@click.option("--min-split", type=int, default=None,
+              help="Refuse a split of fewer adapters than this, or a class missing from a split (default: warn below 10).")
+@click.option("--verify-source", is_flag=True,
+              help="Fingerprint a folder of adapter files by their content (reads every file once more), not name, size and mtime.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made from a different source or layout (one of the same source and layout is resumed, not replaced: repair damage with `pipeline verify --repair`).")
 @quiet_option
 @click.pass_context
@@ -257,7 +262,8 @@ def materialize(ctx, store, **options):  # noqa: ARG001 - options: read from ctx
         builtin_dataset(on_generate=None if config.quiet else
                         lambda path, n: click.echo(f"generating the built-in dataset ({n} synthetic adapters) in {path}"))
     summary = run(config, progress=progress.factory("materialize", config.quiet),
-                  on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder))
+                  on_wait=None if config.quiet else lambda holder: _say_waiting(f"store {config.store}", holder),
+                  on_warning=None if config.quiet else lambda line: click.echo(f"warning: {line}", err=True))
     if not config.quiet:
         rate = summary.bytes_written / 1e6 / max(summary.seconds, 1e-9)
         click.echo(f"{summary.store}: {summary.modules_written} (split, module) groups written, {summary.modules_skipped} "

@@ -24,8 +24,8 @@ def quoted(stage: str, store: str, *args) -> str:
 
 
 _MATERIALIZE_FLAGS = {  # MaterializeConfig field -> option of `pipeline materialize` (the split: _split_args)
-    "source": "--source", "labels_csv": "--labels-csv", "layers": "--modules", "split_seed": "--split-seed",
-    "memory": "--memory", "chunk_mb": "--chunk-mb", "codec": "--codec",
+    "source": "--source", "labels_csv": "--labels-csv", "split_column": "--split-column", "min_split": "--min-split",
+    "layers": "--modules", "split_seed": "--split-seed", "memory": "--memory", "chunk_mb": "--chunk-mb", "codec": "--codec",
 }
 
 
@@ -41,6 +41,8 @@ def materialize_args(recorded: dict) -> list[str]:
         args += ["--label", label]
     if recorded.get("allow_nonfinite"):
         args.append("--allow-nonfinite")
+    if recorded.get("verify_source"):
+        args.append("--verify-source")
     return args
 
 

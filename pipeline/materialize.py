@@ -9,6 +9,7 @@ budget) and marks it complete last, so a rerun skips finished modules and redoes
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import arrowio, leases, provenance, store
+from . import arrowio, fileread, leases, provenance, store
 from .errors import PipelineError, disk_full
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
-from .splits import SplitPlan, check_split_options, datasets_sizes, plan_splits, shares_of_all
+from .splits import SplitPlan, check_split_options, datasets_sizes, plan_splits, shares_of_all, split_warnings
 
 GiB = 2**30
 ID_COLUMNS = ("model_id", "id", "file", "filename", "name")
@@ -38,7 +39,8 @@ class MaterializeConfig:
 
     store: str = store.DEFAULT_STORE
     source: str | None = None  # None: the built-in synthetic dataset
-    labels_csv: str | None = None
+    labels_csv: str | None = None  # labels file (CSV, JSON or JSONL) of a folder of adapters
+    split_column: str | None = None  # its column that gives each adapter's split
     layers: str | None = None  # regex over module and column names (``--modules``)
     labels: tuple[str, ...] = ()  # label columns that must exist (all scalar columns are kept)
     test_size: float = 0.3  # share of all rows held out of train (val + test): datasets' train_test_split(test_size)
@@ -48,6 +50,8 @@ class MaterializeConfig:
     chunk_mb: float = 4.0
     codec: str = "none"  # raw weights: none | lz4 | zstd (crc32c always)
     allow_nonfinite: bool = False
+    min_split: int | None = None  # refuse (not just warn about) a split of fewer adapters, or a class missing from a split
+    verify_source: bool = False  # fingerprint a folder of adapter files by content (sha256), not name, size and mtime
     overwrite: bool = False
     quiet: bool = False
 
@@ -58,6 +62,9 @@ class MaterializeConfig:
             raise PipelineError(f"--chunk-mb {self.chunk_mb!r} is not a size in MB above 0 (e.g. 4)")
         if not _positive(self.memory):
             raise PipelineError(f"--memory {self.memory!r} is not a budget above 0 bytes (e.g. 1GiB)")
+        if self.min_split is not None and (isinstance(self.min_split, bool) or not isinstance(self.min_split, (int, np.integer))
+                                           or self.min_split < 1):
+            raise PipelineError(f"--min-split {self.min_split!r} is not a whole number of adapters >= 1 (e.g. 10)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class ModulePlan:
     dtype: str  # stored dtype
     alpha: float | None  # the module's alpha when every adapter has the same one
     rank_varies: bool
+    alphas: dict[str, np.ndarray] | None = None  # source split -> alpha per row, for a folder of adapter files
 
     @property
     def rank(self) -> int:
@@ -88,6 +96,7 @@ class Plan:
     ignored: list[str]
     chunk_models: int
     layout: dict = field(default_factory=dict)  # what must match for a store to be resumed
+    notes: tuple[str, ...] = ()  # warnings, said before anything is written
 
 
 # --- planning: everything checked before anything is written ----------------------------------------
@@ -141,6 +150,11 @@ def _label_plan(source: Source, columns: list[str], id_column: str | None = None
     return labels
 
 
+def _unique_in_each_split(source: Source, column: str) -> bool:
+    """An id names one adapter: a column that repeats a value (LoRA-WiSE's ``name``, the concept) is a label instead."""
+    return all(len(pc.unique(ds.data.column(column))) == ds.num_rows for ds in source.splits.values())
+
+
 def plan(source: Source, config: MaterializeConfig) -> Plan:
     """Inspect ``source`` and refuse bad input; reads metadata and list offsets, never weight values."""
     first = next(iter(source.splits.values()))
@@ -149,7 +163,11 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     for name, ds in source.splits.items():
         if list(ds.data.schema.names) != columns:
             raise PipelineError(f"source split {name!r} has different columns than the others; every split needs the same columns")
-    all_modules, alpha_columns = pair_modules(columns)
+    if source.files is not None:  # a folder of adapter files: the weights are in the files, the labels in the tables
+        all_modules = list(source.files.modules)
+        alpha_columns = sorted(m.alpha for m in all_modules if m.alpha)
+    else:
+        all_modules, alpha_columns = pair_modules(columns)
     modules = all_modules
     if not modules:
         raise PipelineError(
@@ -159,7 +177,8 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
     modules = select_modules(modules, config.layers)
     lora_columns = {c for m in modules for c in (m.down, m.up)}
     all_lora = {c for m in all_modules for c in (m.down, m.up)}
-    id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"), None)
+    id_column = next((c for c in ID_COLUMNS if c in columns and _scalar_kind(schema.field(c).type) == "categorical"
+                      and _unique_in_each_split(source, c)), None)
     label_candidates = [c for c in columns if c not in all_lora and c not in alpha_columns and c != id_column]
     labels = _label_plan(source, label_candidates, id_column)
     for wanted in config.labels:
@@ -167,13 +186,15 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
             scalar = ", ".join(labels) or "none"
             raise PipelineError(f"label column {wanted!r} is not in the source; scalar columns there: {scalar}")
     ignored = sorted(c for c in columns if c not in all_lora and c not in labels and c not in alpha_columns and c != id_column)
+    if source.files is not None:  # tensors that are not LoRA factors (token embeddings), as a table's non-scalar columns are
+        ignored = sorted(ignored + [t for t in source.files.names if t not in all_lora and t not in alpha_columns])
 
     sizes = {name: ds.num_rows for name, ds in source.splits.items()}
     splits = [SplitPlan(safe_key(s.name), s.source_split, s.rows) for s in
               plan_splits(sizes, config.test_size, config.val_test_size, config.split_seed)]
 
-    module_plans = []
-    for module in modules:
+    module_plans = [_file_module_plan(source, module) for module in modules] if source.files is not None else []
+    for module in modules if source.files is None else []:
         for column in (module.down, module.up):
             for split, ds in source.splits.items():  # every split: arrowio reads offsets of whatever it is given
                 arrow_type = ds.data.schema.field(column).type
@@ -215,7 +236,39 @@ def plan(source: Source, config: MaterializeConfig) -> Plan:
         "split_seed": config.split_seed, "test_size": config.test_size, "val_test_size": config.val_test_size,
         "chunk_models": chunk_models, "codec": config.codec,
     }
-    return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout)
+    notes = tuple(source.notes) + tuple(split_warnings(splits, _classes_in(source, splits, labels), config.min_split))
+    return Plan(source, module_plans, splits, labels, id_column, ignored, chunk_models, layout, notes)
+
+
+def _classes_in(source: Source, splits: list[SplitPlan], labels: dict[str, dict]) -> dict[str, dict[str, set]]:
+    """label -> split -> classes present, for the class-like labels (at most half as many classes as adapters)."""
+    n = sum(ds.num_rows for ds in source.splits.values())
+    out = {}
+    for name, info in labels.items():
+        if info["kind"] not in ("categorical", "bool") or (info["kind"] == "categorical" and len(info["classes"]) * 2 > n):
+            continue
+        out[name] = {}
+        for split in splits:
+            values = source.splits[split.source_split].data.column(name).take(pa.array(split.rows)).to_pylist()
+            out[name][split.name] = {str(v) for v in values if v is not None}
+    return out
+
+
+def _file_module_plan(source: Source, module: Module) -> ModulePlan:
+    """A module of a folder of adapter files, from what the headers said (fileread.scan checked the shapes)."""
+    files = source.files
+    ranks = {split: f.ranks[module.name] for split, f in files.splits.items()}
+    rank = int(max(r.max() for r in ranks.values()))
+    down = arrowio.MatrixColumn(module.down, rank, files.shapes[module.down][1], 0, np.dtype(files.numpy_dtype(module.down)))
+    up = arrowio.MatrixColumn(module.up, files.shapes[module.up][0], rank, 1, np.dtype(files.numpy_dtype(module.up)))
+    half = files.dtypes[module.down] == {"F16"} and files.dtypes[module.up] == {"F16"}
+    alphas = {split: f.alphas[module.alpha] for split, f in files.splits.items()} if module.alpha else None
+    alpha = None
+    if alphas:
+        values = np.unique(np.concatenate(list(alphas.values())))
+        alpha = float(values[0]) if len(values) == 1 else None
+    rank_varies = bool(any((r != rank).any() for r in ranks.values()))
+    return ModulePlan(module, down, up, ranks, "float16" if half else "float32", alpha, rank_varies, alphas)
 
 
 # --- the store's description --------------------------------------------------------------------------
@@ -283,6 +336,8 @@ def _root_attrs(p: Plan, config: MaterializeConfig) -> dict:
             "alpha_column": m.module.alpha, "alpha": m.alpha, "alpha_varies": bool(m.module.alpha) and m.alpha is None,
             "dtype": m.dtype,
         })
+        if m.module.alpha and m.module.alpha in p.source.alpha_from:  # where a folder of adapter files said it
+            modules[-1]["alpha_from"] = p.source.alpha_from[m.module.alpha]
         layers.append({"name": m.module.down, "module": m.module.key, "role": "A", "shape": [m.rank, m.down.cols]})
         layers.append({"name": m.module.up, "module": m.module.key, "role": "B", "shape": [m.up.rows, m.rank]})
     return {
@@ -384,8 +439,11 @@ class _Writer:
         self._pending = None
 
     def write(self, array, start: int, stop: int, values: np.ndarray) -> None:
+        self.submit(array.__setitem__, slice(start, stop), values)
+
+    def submit(self, fn, *args) -> None:
         self.wait()
-        self._pending = self._pool.submit(array.__setitem__, slice(start, stop), values)
+        self._pending = self._pool.submit(fn, *args)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -420,13 +478,80 @@ def _copy_module(root, split: SplitPlan, mp: ModulePlan, source: Source, config:
                 _check_finite(values, column, rows, _as_in_source(table.column(column), spec, ranks, rows))
             writer.write(array, start, stop, values)
             written += values.nbytes
+    alpha = table.column(mp.module.alpha).to_numpy(zero_copy_only=False) if mp.module.alpha and mp.alpha is None else None
+    _write_rank_alpha(root, split, mp, alpha)
+    writer.wait()  # the completion mark must follow the data
+    return written
+
+
+def _write_rank_alpha(root, split: SplitPlan, mp: ModulePlan, alpha: np.ndarray | None) -> None:
+    """The per-adapter rank (when it varies) and alpha (when it varies; ``alpha``: per source row) of one module."""
+    path, n = f"raw/{split.name}/{mp.module.key}", len(split.rows)
     if mp.rank_varies:
         ranks = mp.ranks[split.source_split][split.rows].astype(np.int32)
         store.require_array(root, f"{path}/rank", (n,), (max(n, 1),), "int32", ("model",))[:] = ranks
-    if mp.module.alpha and mp.alpha is None:
-        alpha = table.column(mp.module.alpha).to_numpy(zero_copy_only=False)[split.rows].astype(np.float32)
-        store.require_array(root, f"{path}/alpha", (n,), (max(n, 1),), "float32", ("model",))[:] = alpha
-    writer.wait()  # the completion mark must follow the data
+    if alpha is not None:
+        store.require_array(root, f"{path}/alpha", (n,), (max(n, 1),), "float32", ("model",))[:] = alpha[split.rows].astype(np.float32)
+
+
+_PROGRESS = "files_progress"  # attribute of raw/<split>: rows of a folder of adapter files written for all of its modules
+
+
+def _reusable(root, path: str, shape: tuple, chunks: tuple, dtype: str) -> bool:
+    node = store.member(root, path)
+    return node is not None and getattr(node, "shape", None) == shape and node.chunks == chunks and node.dtype == np.dtype(dtype)
+
+
+def _copy_file_split(root, split: SplitPlan, mps: list[ModulePlan], source: Source, config: MaterializeConfig, chunk: int,
+                     writer: _Writer, bar) -> int:
+    """The unfinished modules ``mps`` of one split, from the adapter files: each file opened once per split, its
+    matrices scattered into every module's arrays, in chunk-aligned batches of at most a third of ``--memory``.
+
+    After each batch is written, ``raw/<split>`` records how many rows are done for which modules, so a killed run
+    resumes at the next batch (when the same modules are unfinished and their arrays are still there)."""
+    n = len(split.rows)
+    dims = {"A": ("model", "rank", "in"), "B": ("model", "out", "rank")}
+    arrays, reusable = {}, True
+    for mp in mps:
+        for role, column, spec in (("A", mp.module.down, mp.down), ("B", mp.module.up, mp.up)):
+            path, shape = f"raw/{split.name}/{mp.module.key}/{role}", (n, spec.rows, spec.cols)
+            reusable = reusable and _reusable(root, path, shape, (chunk, spec.rows, spec.cols), mp.dtype)
+            arrays[mp.module.name, role] = store.require_array(
+                root, path, shape, (chunk, spec.rows, spec.cols), mp.dtype, dims[role],
+                store.raw_compressors(config.codec, np.dtype(mp.dtype).itemsize), {"column": column})
+    group = root.require_group(f"raw/{split.name}")
+    keys = sorted(mp.module.key for mp in mps)
+    done = group.attrs.get(_PROGRESS) or {}
+    first = int(done.get("rows", 0)) if reusable and set(keys) <= set(done.get("modules", ())) else 0
+    if first == 0 and done:
+        store.update_attrs(group, {_PROGRESS: None})
+    row_bytes = sum(mp.row_bytes() for mp in mps)
+    per_batch = max(chunk, (config.memory // 3 // max(row_bytes, 1)) // chunk * chunk)
+    todo = [(mp.module, mp.rank, mp.down.cols, mp.up.rows, mp.dtype) for mp in mps]
+    files = source.files.splits[split.source_split]
+
+    def write(start: int, stop: int, batch: dict, modules: list[str]) -> None:
+        for (name, role), array in arrays.items():
+            array[start:stop] = batch[name][0 if role == "A" else 1]
+        store.update_attrs(group, {_PROGRESS: {"rows": stop, "modules": modules}})  # after the data, as a mark is
+
+    written = 0
+    if bar and first:
+        bar.update(layers=first, nbytes=0)
+    for start in range(first, n, per_batch):
+        stop = min(n, start + per_batch)
+        batch = fileread.read_rows(source.files, files, split.rows[start:stop], todo, not config.allow_nonfinite)
+        writer.submit(write, start, stop, batch, keys)
+        nbytes = (stop - start) * row_bytes
+        written += nbytes
+        if bar:
+            bar.update(layers=stop - start, nbytes=nbytes)
+    writer.wait()
+    for mp in mps:
+        alpha = None
+        if mp.module.alpha and mp.alpha is None:
+            alpha = mp.alphas[split.source_split]
+        _write_rank_alpha(root, split, mp, alpha)
     return written
 
 
@@ -465,6 +590,23 @@ def _write_labels(root, p: Plan, split: SplitPlan) -> None:
     store.mark_complete(root, path)
 
 
+def _copy_files(root, p: Plan, todo: list[tuple[SplitPlan, ModulePlan]], source: Source, config: MaterializeConfig, writer,
+                bar) -> int:
+    """A folder of adapter files, split by split: every unfinished module of a split in one pass over its files."""
+    written = 0
+    for split in p.splits:
+        mps = [mp for s, mp in todo if s is split]
+        if not mps:
+            continue
+        chunk = min(p.chunk_models, max(len(split.rows), 1))
+        written += _copy_file_split(root, split, mps, source, config, chunk, writer, bar)
+        # the progress goes before the marks: a stale one could later skip rows of a module that verify --repair reopened
+        store.update_attrs(root[f"raw/{split.name}"], {_PROGRESS: None})
+        for mp in mps:
+            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=len(split.rows) * mp.row_bytes())
+    return written
+
+
 @dataclass
 class Summary:
     store: str
@@ -472,10 +614,14 @@ class Summary:
     modules_skipped: int
     bytes_written: int
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
-def materialize(config: MaterializeConfig, source: Source | None = None, progress=None, on_wait=None) -> Summary:
+def materialize(config: MaterializeConfig, source: Source | None = None, progress=None, on_wait=None, on_warning=None) -> Summary:
     """Run stage 1; see the module docstring. ``progress(bytes, layers)`` is called as layers finish.
+
+    ``on_warning(line)`` is called with each warning (small or odd splits, a ``split`` label column), before anything
+    is written; without it they are ``warnings.warn``-ed unless ``quiet``. ``Summary.warnings`` holds them too.
 
     One materialize at a time per store: a second one waits (``on_wait(holder)`` is called), then
     finds the layers done and skips them.
@@ -485,29 +631,42 @@ def materialize(config: MaterializeConfig, source: Source | None = None, progres
         from .synthetic import builtin_dataset
 
         config = replace(config, source=str(builtin_dataset()))
-    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet)
+    source = source or open_source(config.source, config.labels_csv, quiet=config.quiet, split_column=config.split_column,
+                                   verify_source=config.verify_source)
     p = plan(source, config)
     store.check_usable(config.store)  # refuse a foreign folder before writing a lease into it
     store.check_writable(config.store)
     lease = leases.take(store.zarr_store(config.store), "materialize", on_wait=on_wait)
     try:
-        return _materialize(config, source, p, progress, started)
+        return _materialize(config, source, p, progress, started, on_warning)
     finally:
         lease.release()
 
 
-def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, started: float) -> Summary:
+def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, started: float, on_warning) -> Summary:
     root = _open_or_create(config, p)
+    for note in p.notes:  # after every refusal, before the first byte of data
+        if on_warning is not None:
+            on_warning(note)
+        elif not config.quiet:
+            warnings.warn(note, UserWarning, stacklevel=3)
     todo = [(s, m) for s in p.splits for m in p.modules if not store.group_complete(root, f"raw/{s.name}/{m.module.key}")]
     skipped = len(p.splits) * len(p.modules) - len(todo)
     written = 0
-    bar = progress(total_layers=2 * len(todo), total_bytes=sum(len(s.rows) * m.row_bytes() for s, m in todo)) if progress else None
+    total_bytes = sum(len(s.rows) * m.row_bytes() for s, m in todo)
+    if source.files is not None:  # files are read a batch of adapters at a time: the bar counts adapters
+        total = sum(len(s.rows) for s in p.splits if any(t[0] is s for t in todo))
+        bar = progress(total_layers=total, total_bytes=total_bytes, unit="adapter") if progress else None
+    else:
+        bar = progress(total_layers=2 * len(todo), total_bytes=total_bytes) if progress else None
     writer = _Writer()
     try:
         for split in p.splits:
             if not (store.group_complete(root, f"labels/{split.name}") and store.group_complete(root, store.index_path(root, split.name))):
                 _write_labels(root, p, split)
-        for split, mp in todo:
+        if source.files is not None:
+            written = _copy_files(root, p, todo, source, config, writer, bar)
+        for split, mp in todo if source.files is None else []:
             chunk = min(p.chunk_models, max(len(split.rows), 1))
             nbytes = _copy_module(root, split, mp, source, config, chunk, writer)
             store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=nbytes)
@@ -523,4 +682,4 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
         writer.close()
         if bar:
             bar.close()
-    return Summary(config.store, len(todo), skipped, written, time.perf_counter() - started)
+    return Summary(config.store, len(todo), skipped, written, time.perf_counter() - started, p.notes)

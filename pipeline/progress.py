@@ -31,7 +31,8 @@ class LayerProgress:
 
 
 def factory(description: str, quiet: bool, unit: str = "layer"):
-    """A ``progress`` callable for the stages: progress(total_layers=..., total_bytes=...) -> bar."""
-    def make(total_layers: int, total_bytes: int) -> LayerProgress:
-        return LayerProgress(total_layers, total_bytes, description, quiet, unit)
+    """A ``progress`` callable for the stages: progress(total_layers=..., total_bytes=..., unit=None) -> bar."""
+    default_unit = unit
+    def make(total_layers: int, total_bytes: int, unit: str | None = None) -> LayerProgress:
+        return LayerProgress(total_layers, total_bytes, description, quiet, unit or default_unit)
     return make

@@ -1,10 +1,11 @@
 """Open a LoRA dataset from where researchers keep it, as HuggingFace datasets plus a fingerprint.
 
 Accepted: a local ``save_to_disk`` folder (Dataset or DatasetDict); a folder or glob of parquet or
-arrow files; a folder of ``.safetensors`` adapters with a labels CSV; a hub dataset id; ``zoo:digits``
-(the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
+arrow files; a folder of ``.safetensors`` adapters in any of the layouts of pipeline/adapters.py
+(flat, a folder per adapter, split folders, labels from a file and/or <label>/ folders); a hub
+dataset id; ``zoo:digits`` (the trained zoo of pipeline/zoo.py, built under stores/builtin/ on first use).
 
-A labels CSV is UTF-8 (a byte-order mark is allowed), one row per file; a column's type comes from
+A labels CSV is UTF-8 (a byte-order mark is allowed), one row per adapter; a column's type comes from
 all its values (int64 if every value is an integer, float64 if every value is a number, else
 string; an empty cell is missing). A damaged or unreadable file is one PipelineError naming it.
 """
@@ -12,27 +13,26 @@ string; an empty cell is missing). A damaged or unreadable file is one PipelineE
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
-import io
+import hashlib
 import json
 import logging
 import os
-import re
 import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors import safe_open
 
+from . import adapters, fileread
+from .adapters import column_type, csv_value  # noqa: F401  (their home was here)
 from .errors import PipelineError
 from .provenance import content_hash, digest
 
-LABELS_CSV_NAMES = ("labels.csv", "metadata.csv")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class Source:
     kind: str  # save_to_disk | files | safetensors | hub | zoo
     splits: dict[str, datasets.Dataset]
     fingerprint: str
+    alpha_from: dict[str, str] = field(default_factory=dict)  # alpha column -> tensor | adapter_config.json | lora_adapter_metadata
+    notes: tuple[str, ...] = ()  # warnings about the source, said before anything is written
+    files: fileread.FileTensors | None = None  # a folder of adapter files: the weights stay in them, read by materialize
 
 
 def _digest(payload) -> str:
@@ -65,14 +68,23 @@ def _as_splits(loaded) -> dict[str, datasets.Dataset]:
     return {"train": loaded}
 
 
-def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False) -> Source:
-    """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars."""
+def open_source(uri: str, labels_csv: str | None = None, quiet: bool = False, split_column: str | None = None,
+                verify_source: bool = False) -> Source:
+    """Open ``uri``; see the module docstring for what it may be. ``quiet``: no datasets progress bars.
+
+    ``labels_csv``: the labels file (CSV, JSON or JSONL) of a folder of adapters; ``split_column``: its
+    column that holds each adapter's split; ``verify_source``: fingerprint the adapter files by their content
+    (a sha256 of every byte) rather than by name, size and modification time.
+    """
     kind = _kind_of(uri)
-    if labels_csv and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
-        raise PipelineError(f"--labels-csv is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
-                            "whose labels are its own columns; drop --labels-csv")
+    for option, value in (("--labels-csv", labels_csv), ("--split-column", split_column), ("--verify-source", verify_source)):
+        if value and kind != "safetensors":  # refuse rather than ignore, and before opening: the user meant these labels
+            raise PipelineError(f"{option} is only for a folder of .safetensors adapters, but {uri!r} is a {kind} source "
+                                f"whose labels and splits are its own columns; drop {option}")
     with _datasets_output(quiet):
-        return _open(uri, kind, labels_csv)
+        if kind == "safetensors":
+            return _open_safetensors_folder(Path(uri).expanduser(), labels_csv, split_column, quiet, verify_source)
+        return _open(uri, kind)
 
 
 DATASET_KINDS = {"save_to_disk": "a save_to_disk folder", "safetensors": "a folder of .safetensors adapters",
@@ -89,7 +101,11 @@ def dataset_kind(path: str | Path) -> str | None:
         return "save_to_disk"
     if any(path.glob("*.safetensors")):
         return "safetensors"
-    return "files" if _data_files(str(path)) else None
+    if _data_files(str(path)):
+        return "files"
+    if any(not any(part.startswith(".") for part in p.relative_to(path).parts) for p in path.rglob("*.safetensors")):
+        return "safetensors"  # adapters in folders, at any depth
+    return None
 
 
 def _kind_of(uri: str) -> str:
@@ -102,6 +118,8 @@ def _kind_of(uri: str) -> str:
         return kind
     if _data_files(uri):  # a glob
         return "files"
+    if path.is_dir():  # a folder that holds none of the layouts
+        raise PipelineError(adapters.no_adapters_message(path))
     if path.exists() or any(ch in uri for ch in "*?[") or uri.startswith((".", "/", "~")):
         raise PipelineError(
             f"source {uri!r} holds no dataset: expected a save_to_disk folder, parquet/arrow files, "
@@ -112,7 +130,7 @@ def _kind_of(uri: str) -> str:
     return "hub"
 
 
-def _open(uri: str, kind: str, labels_csv: str | None) -> Source:
+def _open(uri: str, kind: str) -> Source:
     path = Path(uri).expanduser()
     if kind == "zoo":
         from .zoo import builtin_zoo
@@ -124,8 +142,6 @@ def _open(uri: str, kind: str, labels_csv: str | None) -> Source:
         with _reading(f"save_to_disk folder {path}"):
             splits = _as_splits(datasets.load_from_disk(str(path)))
         return Source(str(path), "save_to_disk", splits, _fingerprint_of(splits, "save_to_disk"))
-    if kind == "safetensors":
-        return _open_safetensors_folder(path, labels_csv)
     if kind == "files":
         return _open_files(uri, _data_files(uri))
     return _open_hub(uri)
@@ -284,171 +300,141 @@ def _open_hub(name: str) -> Source:
     return Source(name, "hub", splits, _fingerprint_of(splits, "hub"))
 
 
-# --- a folder of .safetensors adapters plus a labels CSV -------------------------------------------
+# --- a folder of .safetensors adapters (pipeline/adapters.py finds them, their splits and labels) -------
 
 
-def _find_labels_csv(folder: Path, labels_csv: str | None) -> Path:
+def _label_table(found: adapters.Found, labels_csv: str | None) -> adapters.LabelFile | dict[str, adapters.LabelFile] | None:
+    """The labels file given (--labels-csv, any of CSV/JSON/JSONL), else the source's own, else one per split folder."""
     if labels_csv:
         path = Path(labels_csv).expanduser()
         if not path.exists():
-            raise PipelineError(f"labels CSV {labels_csv!r} does not exist")
+            raise PipelineError(f"labels file {labels_csv!r} does not exist")
         if not path.is_file():
-            raise PipelineError(f"labels CSV {labels_csv!r} is a folder, not a file; give the path of the CSV file itself")
-        return path
-    for name in LABELS_CSV_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise PipelineError(f"{folder} holds .safetensors adapters but no labels CSV; add labels.csv (file,<label>,...) or pass --labels-csv")
+            raise PipelineError(f"labels file {labels_csv!r} is a folder, not a file; give the path of the labels file itself")
+        return adapters.read_label_file(path)
+    if None in found.label_files:
+        return adapters.read_label_file(found.label_files[None])
+    if found.label_files:
+        return {split: adapters.read_label_file(path) for split, path in found.label_files.items()}
+    return None
 
 
-def _csv_text(path: Path) -> str:
-    data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise PipelineError(f"labels CSV {path} is UTF-16 encoded, not UTF-8; save it as UTF-8 (CSV UTF-8 in spreadsheet programs)")
-    try:
-        return data.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark must not become part of the first column's name
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"labels CSV {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                            "save it as UTF-8") from None
+def _labels_of(found: adapters.Found, labels_csv: str | None) -> tuple[dict[str, str], list[dict], list[Path]]:
+    """(column -> datasets dtype, each adapter's labels, the labels files read), from files and <label>/ folders."""
+    table = _label_table(found, labels_csv)
+    kinds: dict[str, str] = {}
+    values: list[dict] = [{} for _ in found.adapters]
+    read: list[Path] = []
+    if isinstance(table, adapters.LabelFile):
+        rows = adapters.match_labels(table, found.adapters, found.split_folders, found.root)
+        kinds = dict(table.kinds)
+        values = [dict(zip(table.columns, row)) for row in rows]
+        read = [table.path]
+    elif table:  # one file per split folder: each keys its own split's adapters
+        columns = None
+        for split, part in table.items():
+            if columns is not None and part.columns != columns:
+                raise PipelineError(f"{part.path} has other label columns than {read[0]}; give every split's file the same columns")
+            columns = part.columns
+            members = [i for i, a in enumerate(found.adapters) if a.split == split]
+            for i, row in zip(members, adapters.match_labels(part, [found.adapters[i] for i in members], False, part.path.parent)):
+                values[i] = dict(zip(part.columns, row))
+            read.append(part.path)
+        kinds = {c: _merged_kind([t.kinds[c] for t in table.values()]) for c in columns}
+    folders = adapters.folder_labels(found, have_file=bool(read))
+    if folders is not None:
+        if adapters.FOLDER_LABEL in kinds:
+            raise PipelineError(f"{read[0].name} has a column {adapters.FOLDER_LABEL!r} and the adapters also lie in <label>/ "
+                                f"folders, which give that label; rename the column")
+        kinds[adapters.FOLDER_LABEL] = "string"
+        for row, folder in zip(values, folders):
+            row[adapters.FOLDER_LABEL] = folder
+    if not kinds:
+        raise PipelineError(f"{found.root} holds .safetensors adapters but no labels CSV, JSON or JSONL file and no <label>/ "
+                            "folders; add labels.csv (file,<label>,...) or pass --labels-csv")
+    return kinds, values, read
 
 
-def _read_labels(path: Path) -> tuple[list[str], dict[str, list[str]]]:
-    """(label column names, file name -> that file's label texts); refuses what csv would silently accept."""
-    try:
-        # blank lines, and the all-empty rows spreadsheets leave below the data, are not rows
-        lines = [row for row in csv.reader(io.StringIO(_csv_text(path), newline="")) if any(cell.strip() for cell in row)]
-    except csv.Error as exc:
-        raise PipelineError(f"labels CSV {path} is not valid CSV ({exc}); fix it") from None
-    if len(lines) < 2:
-        raise PipelineError(f"labels CSV {path} has no rows")
-    header = [name.strip() for name in lines[0]]
-    for i, name in enumerate(header):
-        if not name:
-            raise PipelineError(f"labels CSV {path}: column {i + 1} of the header has no name; name it or remove it")
-        if header.index(name) != i:
-            raise PipelineError(f"labels CSV {path} has column {name!r} twice; rename one")
-    key = next((i for i, c in enumerate(header) if c.lower() in ("file", "filename", "file_name", "path")), 0)
-    labels, line_of = {}, {}
-    for number, row in enumerate(lines[1:], start=2):
-        if len(row) != len(header):
-            raise PipelineError(f"labels CSV {path}: row {number} has {len(row)} fields but the header has {len(header)}; fix that row")
-        name = Path(row[key].strip()).name
-        if name in labels:
-            raise PipelineError(f"labels CSV {path} lists {name!r} twice (rows {line_of[name]} and {number}); keep one row per file")
-        labels[name], line_of[name] = [v for i, v in enumerate(row) if i != key], number
-    columns = [c for i, c in enumerate(header) if i != key]
-    if "file" in columns:
-        raise PipelineError(f"labels CSV {path} has a label column named 'file', which holds each row's file name; rename it")
-    return columns, labels
+def _merged_kind(kinds: list[str]) -> str:
+    found = set(kinds)
+    return found.pop() if len(found) == 1 else "float64" if found <= {"int64", "float64"} else "string"
 
 
-_INT = re.compile(r"^[+-]?\d+$")
-_INT64 = 2**63
+def _apply_split_column(found: adapters.Found, kinds: dict, values: list[dict], column: str | None) -> list[str]:
+    """Each adapter's source split: its split folder's, or the labels column ``column`` (then no longer a label)."""
+    if column is None:
+        return [a.split for a in found.adapters]
+    if found.split_folders:
+        raise PipelineError(f"--split-column {column} but {found.root} has split folders, which give the splits; use one of the two")
+    if column not in kinds:
+        raise PipelineError(f"--split-column {column!r} is not a labels column; the columns are {', '.join(sorted(kinds))}")
+    kinds.pop(column)
+    splits = []
+    for adapter, row in zip(found.adapters, values):
+        value = row.pop(column)
+        if value is None or not str(value).strip():
+            raise PipelineError(f"adapter {adapter.id!r} has no value in split column {column!r}; give every adapter its split")
+        splits.append(adapters.SPLIT_FOLDERS.get(str(value).strip().lower(), str(value).strip()))
+    return splits
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return "_" not in text  # Python reads 1_000 as a number; a CSV means text by it
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    hasher = hashlib.sha256()  # streamed: provenance.digest takes bytes in memory, and adapter files can be large
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
-def column_type(texts: list[str]) -> str:
-    """The type of a CSV column from all its values: int64 if all are integers, float64 if all are numbers, else string.
+def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_column: str | None, verify: bool, quiet: bool) -> str:
+    """The files' paths, sizes and mtimes (their content hashes under ``verify``), the labels files' and the peft configs'
+    bytes: a flat folder with a CSV keeps the fingerprint it always had."""
+    from tqdm import tqdm
 
-    Empty values are missing and do not vote.
-    """
-    present = [t.strip() for t in texts if t.strip()]
-    if all(_INT.match(t) and -_INT64 <= int(t) < _INT64 for t in present):
-        return "int64"
-    if all(_is_float(t) for t in present):
-        return "float64"
-    return "string"
-
-
-def csv_value(text: str, kind: str):
-    """One CSV cell as a value of its column's type (None when empty)."""
-    if not text.strip():
-        return None
-    return int(text) if kind == "int64" else float(text) if kind == "float64" else text
-
-
-def _load_adapter(path: Path) -> dict[str, np.ndarray]:
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    out = {}
-    for name, tensor in tensors.items():
-        if tensor.dtype == torch.bfloat16:  # numpy and Arrow have no bfloat16; float32 holds it exactly
-            tensor = tensor.float()
-        out[name] = tensor.numpy()
-    return out
+    stats = []
+    total = sum(adapters.os_stat(a.file)[0] for a in found.adapters) if verify else 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing adapter files", disable=quiet or not verify, file=sys.stderr) as bar:
+        for a in found.adapters:
+            size, mtime = adapters.os_stat(a.file)
+            stats.append((a.file.relative_to(found.root).as_posix(), size, _file_digest(a.file) if verify else mtime))
+            bar.update(size if verify else 0)
+    payload = {"kind": "safetensors", "files": stats}
+    if verify:
+        payload["content"] = "sha256"
+    if len(label_paths) == 1:
+        payload["csv"] = digest(label_paths[0].read_bytes(), length=64)
+    elif label_paths:
+        payload["label_files"] = [(str(p.relative_to(found.root)), digest(p.read_bytes(), length=64)) for p in label_paths]
+    configs = sorted({a.config for a in found.adapters if a.config is not None})
+    if configs:
+        payload["configs"] = [(str(c), digest(c.read_bytes(), length=64)) for c in configs]
+    if split_column:
+        payload["split_column"] = split_column
+    return _digest(payload)
 
 
-def _headers(files: list[Path]) -> dict[str, dict[str, tuple[str, int]]]:
-    """file name -> tensor name -> (safetensors dtype, ndim), from the headers only."""
-    out = {}
-    for path in files:
-        with _reading(f"safetensors file {path}"), safe_open(str(path), framework="numpy") as handle:
-            out[path.name] = {name: (handle.get_slice(name).get_dtype(), len(handle.get_slice(name).get_shape()))
-                              for name in handle.keys()}
-    return out
-
-
-def _tensor_features(headers: dict[str, dict[str, tuple[str, int]]], files: list[Path]) -> dict[str, object]:
-    """One Arrow feature per tensor: float16 only if every file stores it as F16 (else Arrow would cut the others)."""
-    first = headers[files[0].name]
-    for path in files[1:]:
-        if set(headers[path.name]) != set(first):
-            raise PipelineError(f"{path.name} has different tensor names than {files[0].name}; keep one naming scheme per folder")
-        for name, (_, ndim) in headers[path.name].items():
-            if ndim != first[name][1]:
-                raise PipelineError(f"tensor {name!r} is {ndim}-D in {path.name} but {first[name][1]}-D in {files[0].name}; "
-                                    "every adapter must have the same tensor layout")
-    features = {}
-    for name, (_, ndim) in first.items():
-        kinds = {headers[f.name][name][0] for f in files}
-        # float64 stays float64 here, so materialize can tell a value too large for float32 from a NaN of the source.
-        feature = datasets.Value("float16" if kinds == {"F16"} else "float64" if "F64" in kinds else "float32")
-        for _ in range(ndim):
-            feature = datasets.List(feature)
-        features[name] = feature
-    return features
-
-
-def _open_safetensors_folder(folder: Path, labels_csv: str | None) -> Source:
-    files = sorted(folder.glob("*.safetensors"))
-    csv_path = _find_labels_csv(folder, labels_csv)
-    label_columns, labels = _read_labels(csv_path)
-    names = {f.name for f in files}
-    missing = sorted(names - set(labels))
-    if missing:
-        raise PipelineError(f"{len(missing)} adapter file(s) have no row in {csv_path.name}, e.g. {missing[0]!r}; add them or remove the files")
-    unknown = sorted(set(labels) - names)
-    if unknown:
-        raise PipelineError(f"{csv_path.name} names {len(unknown)} file(s) not in {folder}, e.g. {unknown[0]!r}")
-    features = _tensor_features(_headers(files), files)  # headers only: refuse mixed layouts before converting anything
-    clash = sorted(set(features) & set(label_columns))
+def _open_safetensors_folder(folder: Path, labels_csv: str | None, split_column: str | None = None, quiet: bool = True,
+                             verify: bool = False) -> Source:
+    """The adapters under ``folder``: labels as small in-memory datasets, weights left in their files (read by materialize)."""
+    found = adapters.find(folder)
+    kinds, label_values, label_paths = _labels_of(found, labels_csv)
+    splits_of = _apply_split_column(found, kinds, label_values, split_column)
+    notes = []
+    if split_column is None and "split" in kinds:
+        notes.append("labels column 'split' is stored as a label; pass --split-column split to use it as the split")
+    tensors = fileread.scan(found, splits_of, quiet)  # headers only: refuse mixed layouts before reading any weight
+    clash = sorted(set(tensors.shapes) & set(kinds))
     if clash:
-        raise PipelineError(f"{csv_path.name} has a label column {clash[0]!r} named like a tensor of the adapters; rename it")
-    kinds = {c: column_type([labels[f.name][i] for f in files]) for i, c in enumerate(label_columns)}
-    features.update({c: datasets.Value(kind) for c, kind in kinds.items()})
-    features["file"] = datasets.Value("string")
-
-    def rows(paths):
-        for path in paths:
-            row = dict(_load_adapter(Path(path)))
-            texts = labels[Path(path).name]
-            row.update({c: csv_value(texts[i], kinds[c]) for i, c in enumerate(label_columns)})
-            row["file"] = Path(path).name
-            yield row
-
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    fingerprint = _digest({"kind": "safetensors", "files": stats, "csv": digest(csv_path.read_bytes(), length=64)})
-    with _reading(f"the safetensors adapters in {folder}"):
-        dataset = datasets.Dataset.from_generator(
-            rows, features=datasets.Features(features), gen_kwargs={"paths": [str(f) for f in files]}, fingerprint=fingerprint
-        )
-    return Source(str(folder), "safetensors", {"train": dataset}, fingerprint)
+        raise PipelineError(f"{label_paths[0].name if label_paths else 'a <label>/ folder'} has a label column {clash[0]!r} "
+                            "named like a tensor of the adapters; rename it")
+    features = datasets.Features({**{c: datasets.Value(kind) for c, kind in kinds.items()}, "file": datasets.Value("string")})
+    fingerprint = _source_fingerprint(found, label_paths, split_column, verify, quiet)
+    splits = {}
+    for split in tensors.splits:  # in memory: a few label columns, no weights, nothing written to a cache
+        members = [i for i, s in enumerate(splits_of) if s == split]
+        data = {c: [label_values[i].get(c) for i in members] for c in kinds}
+        data["file"] = [found.adapters[i].id for i in members]
+        splits[split] = datasets.Dataset.from_dict(data, features=features)
+    return Source(str(folder), "safetensors", splits, fingerprint, alpha_from=tensors.alpha_from, notes=tuple(notes),
+                  files=tensors)

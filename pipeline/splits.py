@@ -114,3 +114,36 @@ def plan_splits(sizes: dict[str, int], test_size: float, val_test_size: float, s
         plans.append(SplitPlan(name, source_split, np.arange(n, dtype=np.int64)))
     order = {"train": 0, "val": 1, "test": 2}
     return sorted(plans, key=lambda p: (order.get(p.name, 3), p.name))
+
+
+SMALL_SPLIT = 10  # fewer adapters than this in a split: its accuracy is mostly noise, so materialize says so
+
+
+def split_warnings(splits: list[SplitPlan], classes_in: dict[str, dict[str, set]], min_split: int | None) -> list[str]:
+    """What is odd about the splits, one line each: a split of fewer than ``SMALL_SPLIT`` (or ``min_split``) adapters,
+    every row in every split (10 rows or fewer), a class with no adapter in some split.
+
+    ``classes_in``: label -> split -> the classes present (only class-like labels: a name per adapter is not one).
+    ``min_split`` set: each of these is an error (PipelineError) instead of a warning.
+    """
+    notes = []
+    threshold = min_split if min_split is not None else SMALL_SPLIT
+    sizes = {s.name: len(s.rows) for s in splits}
+    if len(splits) == 3 and all(len(s.rows) == len(splits[0].rows) and (s.rows == splits[0].rows).all() for s in splits) \
+            and len(splits[0].rows) <= 10 and splits[0].source_split == splits[1].source_split:
+        notes.append(f"the source has {len(splits[0].rows)} adapters (10 or fewer): every adapter is in train, val and test, "
+                     "as the original experiment did, so val and test accuracy measure memorisation, not generalisation")
+    small = [f"{name} {n}" for name, n in sizes.items() if n < threshold]
+    if small:
+        notes.append(f"split(s) with fewer than {threshold} adapters ({', '.join(small)}): their accuracy is mostly noise; "
+                     "add adapters, or choose --test-size / --val-test-size (or your own splits) that leave more")
+    for label, present in classes_in.items():
+        every = set().union(*present.values())
+        for split, have in present.items():
+            missing = sorted(every - have)
+            if missing:
+                shown = ", ".join(repr(c) for c in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                notes.append(f"label {label!r}: class {shown} has no adapter in split {split!r}; that split cannot score it")
+    if min_split is not None and notes:
+        raise PipelineError(f"{notes[0]} (refused: --min-split {min_split}; lower it or leave it out to go on with a warning)")
+    return notes

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Keep the datasets cache (safetensors folders are turned into Arrow there) out of the user's home,
+# Keep the datasets cache (parquet/arrow sources are turned into Arrow there) out of the user's home,
 # and never touch the network. Set before `datasets` is imported anywhere.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="pipeline-tests-hf-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import zarr  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-import real_loras  # noqa: E402
+import loras  # noqa: E402
 from cli import main  # noqa: E402
 from pipeline.features import FeaturesConfig, compute_features  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
@@ -28,6 +28,11 @@ from pipeline.synthetic import write_synthetic  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
 datasets.disable_progress_bars()
+
+
+def pytest_report_header(config):
+    return f"LoRA file fixtures: {loras.REAL_NOTE}"
+
 
 # Four modules of the synthetic dataset (attn1/attn2 x to_q/to_v of the first transformer block):
 # enough to exercise every path, small enough to keep each test well under a second or two.
@@ -164,17 +169,10 @@ def lora_rows(n: int, rank: int = 2, fan_in: int = 6, fan_out: int = 5, seed: in
 # --- session fixtures -------------------------------------------------------------------------------
 
 
-def pytest_report_header(config) -> str:
-    if all((real_loras.REAL / f).is_file() for f in real_loras.FILES):
-        return f"real LoRA files: {real_loras.REAL}"
-    return (f"real LoRA files: NOT FOUND at {real_loras.REAL}; the tests that read them use generated look-alikes "
-            "(same names, shapes, dtypes, metadata) and test_look_alikes_match_real is skipped")
-
-
 @pytest.fixture(scope="session")
 def real_lora_dir(tmp_path_factory) -> Path:
-    """The seven real LoRA files (tests/real_loras.py), or their generated look-alikes; treat as read-only."""
-    return real_loras.folder(tmp_path_factory.mktemp("real-loras"))[0]
+    """The seven real LoRA files (tests/loras.py), or their generated look-alikes; treat as read-only."""
+    return loras.folder(tmp_path_factory.mktemp("real-loras"))[0]
 
 
 @pytest.fixture(scope="session")

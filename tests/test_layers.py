@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import real_loras
+import loras
 from conftest import materialize_to, open_store
 from safetensors import safe_open
 from safetensors.numpy import load_file
@@ -161,7 +161,7 @@ def _adapter_folder(tmp_path: Path, real: Path, file: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("file", real_loras.FILES)
+@pytest.mark.parametrize("file", loras.FILES)
 def test_real_adapters_pair_and_round_trip(tmp_path, real_lora_dir, file):
     tensors = load_file(str(real_lora_dir / file))
     downs = sorted(k for k in tensors if _DOWN.search(k))
@@ -236,11 +236,11 @@ def _contents(path: Path) -> tuple[dict, dict | None]:
         return {k: (tuple(f.get_slice(k).get_shape()), str(f.get_tensor(k).dtype)) for k in f.keys()}, f.metadata()
 
 
-@pytest.mark.parametrize("file", real_loras.FILES)
+@pytest.mark.parametrize("file", loras.FILES)
 def test_look_alike_is_what_its_spec_says(tmp_path, file):
     """A generated file holds exactly the spec's tensors and metadata, with the real files' scales (A ~ 1/rank, B ~ 1e-3)."""
-    real_loras.generate(file, tmp_path / file)
-    tensors, metadata = real_loras.spec(file)
+    loras.generate(file, tmp_path / file)
+    tensors, metadata = loras.spec(file)
     assert _contents(tmp_path / file) == (tensors, metadata)
     values = load_file(str(tmp_path / file))
     rank = 1 if "rank1" in file else 4
@@ -251,9 +251,9 @@ def test_look_alike_is_what_its_spec_says(tmp_path, file):
     assert abs(np.concatenate([u.ravel() for u in ups]).std() * 1e3 - 1) < 0.05
 
 
-@pytest.mark.parametrize("file", real_loras.FILES)
+@pytest.mark.parametrize("file", loras.FILES)
 def test_look_alikes_match_real(file):
     """The generator's names, shapes, dtypes and metadata are the real file's (when ../shared is here to compare)."""
-    if not (real_loras.REAL / file).is_file():
-        pytest.skip(f"SKIPPED: {real_loras.REAL / file} is absent, so the look-alike cannot be checked against it")
-    assert real_loras.spec(file) == _contents(real_loras.REAL / file)
+    if loras.REAL is None or not (loras.REAL / file).is_file():
+        pytest.skip(f"SKIPPED: the real {file} is absent ({loras.REAL_NOTE}), so its look-alike cannot be checked against it")
+    assert loras.spec(file) == _contents(loras.REAL / file)

@@ -73,3 +73,63 @@ def test_split_names_from_the_data_cannot_escape_the_store():
     plans = plan_splits({"../../evil": 3, "train": 5, "a/b": 2}, 0.3, 0.67, 42)
     assert {p.name for p in plans} == {"train", "_.._evil", "a_b"}
     assert {p.source_split for p in plans} == {"../../evil", "train", "a/b"}
+
+
+# --- small and odd splits: said loudly, refused with --min-split (issue 15 §5) -----------------------
+
+
+def _adapters(tmp_path, n: int, labels):
+    from loras import MODULES, factors, save, tensors_of
+
+    root = tmp_path / "loras"
+    for i in range(n):
+        save(root / f"m{i:02d}.safetensors", tensors_of("diffusers", factors(i % 4, modules=MODULES[:1])))
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"m{i:02d},{labels(i)}\n" for i in range(n)))
+    return root
+
+
+def test_sixteen_adapters_warn_of_a_one_row_split_and_missing_classes(tmp_path):
+    from conftest import run_cli
+
+    root = _adapters(tmp_path, 16, lambda i: "cat" if i % 2 else "dog")
+    result = run_cli("materialize", "--source", root, "--store", tmp_path / "s.zarr")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert any("fewer than 10 adapters (val 1, test 4)" in w for w in warnings), result.output
+    assert any("label 'label': class" in w and "has no adapter in split 'val'" in w for w in warnings), result.output
+    quiet = run_cli("materialize", "--source", root, "--store", tmp_path / "q.zarr", "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_min_split_makes_it_an_error_with_nothing_written(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    root = _adapters(tmp_path, 16, lambda i: "cat" if i % 2 else "dog")
+    store = tmp_path / "s.zarr"
+    assert_one_line_error(run_cli("materialize", "--source", root, "--store", store, "--min-split", "2", "--quiet"),
+                          "val 1", "refused: --min-split 2")
+    assert not store.exists()
+    ok = run_cli("materialize", "--source", root, "--store", store, "--min-split", "1", "--test-size", "0.5", "--val-test-size", "0.67", "--quiet")
+    assert ok.exit_code == 0, ok.output  # 8 / 2 / 6 with both classes everywhere
+    assert_one_line_error(run_cli("materialize", "--source", root, "--store", tmp_path / "t.zarr", "--min-split", "0", "--quiet"),
+                          "--min-split 0 is not a whole number")
+
+
+def test_ten_rows_or_fewer_say_every_row_is_everywhere(tmp_path):
+    from conftest import run_cli
+
+    root = _adapters(tmp_path, 6, lambda i: "cat" if i % 2 else "dog")
+    result = run_cli("materialize", "--source", root, "--store", tmp_path / "s.zarr")
+    assert result.exit_code == 0, result.output
+    assert "warning: the source has 6 adapters (10 or fewer): every adapter is in train, val and test" in result.output
+
+
+def test_a_name_per_adapter_is_not_a_class_label():
+    from pipeline.splits import SplitPlan, split_warnings
+
+    splits = [SplitPlan(n, "train", np.arange(20, dtype=np.int64)) for n in ("train", "val", "test")]
+    assert split_warnings(splits, {}, None) == []
+    notes = split_warnings(splits, {"label": {"train": {"a", "b"}, "val": {"a"}, "test": {"a", "b"}}}, None)
+    assert notes == ["label 'label': class 'b' has no adapter in split 'val'; that split cannot score it"]
+    with pytest.raises(PipelineError, match="refused: --min-split 30"):
+        split_warnings(splits, {}, 30)
