@@ -5,6 +5,7 @@ Every process here is a real `python cli.py ...` on a real store; kills are real
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -129,8 +130,21 @@ def _files_of_done(store: Path, stage: str) -> dict:
             if key in snapshot:
                 out[key] = snapshot[key]
         return out
-    done = {p.parent.relative_to(store).as_posix() for p in store.glob("runs/*/run-*/zarr.json") if '"complete": true' in p.read_text()}
-    return {k: v for k, v in snapshot.items() if any(k.startswith(d + "/") for d in done)}
+    return {k: v for k, v in snapshot.items() if any(k.startswith(d + "/") for d in _done_runs(store))}
+
+
+def _done_runs(store: Path) -> set[str]:
+    """runs/<digest>/run-NNN that a rerun must keep: marked complete, and so is every run of its batch.
+
+    The runs of one batch train as one ensemble and are marked one after another; a kill between two
+    of those marks leaves the batch half marked, and the rerun redoes the whole batch (a run's bytes
+    depend on the runs it was trained beside: train.with_whole_batches), so its marked runs were not done.
+    """
+    attrs = {p.parent.relative_to(store).as_posix(): json.loads(p.read_text()).get("attributes", {})
+             for p in store.glob("runs/*/run-*/zarr.json")}
+    complete = {path for path, a in attrs.items() if a.get("complete")}
+    return {path for path in complete
+            if all(f"{path.rsplit('/', 1)[0]}/run-{r:03d}" in complete for r in attrs[path].get("batch") or [])}
 
 
 STAGES = {

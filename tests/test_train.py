@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 import zarr
 
-from conftest import assert_one_line_error, run_cli
+from conftest import SMALL_TRAIN, assert_one_line_error, assert_same_arrays, run_cli
 from pipeline import metrics, model, train as train_mod
 from pipeline.errors import PipelineError
 from pipeline.model import Hyper, train_ensemble
@@ -223,6 +223,21 @@ def test_resume_skips_finished_runs(scratch, monkeypatch):
     assert [r.config_hash for r in more.results] == [r.config_hash for r in first.results]
     forced = train(TrainConfig(**{**config, "force": True}))
     assert (forced.trained, calls[-2:]) == (4, [2, 2])
+
+
+def test_a_batch_killed_between_its_marks_is_redone_whole(trained_small, tmp_path):
+    """A kill between the complete marks of one ensemble's runs leaves run 0 marked and run 1 not: the rerun
+    trains both again, together, and writes what a clean run writes (test_sharing's notion of "done" relies on it)."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(trained_small, store)
+    root = zarr.open_group(str(store), mode="r+")
+    (digest,) = root["runs"].group_keys()
+    assert run_attrs(store, digest)[0]["batch"] == [0, 1]
+    root[f"runs/{digest}/run-001"].attrs.put({})  # as it was just before its mark
+    (result,) = train(TrainConfig(store=str(store), **SMALL_TRAIN)).results
+    assert (result.trained, result.skipped) == ([0, 1], [])
+    assert all(a["complete"] and a["ensemble_size"] == 2 for a in run_attrs(store, digest).values())
+    assert_same_arrays(store, trained_small)
 
 
 def test_layer_sets_slice_and_concatenate(signal_store):
