@@ -368,6 +368,9 @@ def features(store, list_reps, **options):
 @option("--seed", type=int, config=TRAIN, help="Seed of the first run; run r uses seed + r.")
 @option("--model", type=click.Choice(["mlp", "linear"]), config=TRAIN,
         help="mlp, or linear (no hidden layer: --depth, --hidden and --dropout do not apply).")
+@option("--task", type=click.Choice(["auto", "classification", "regression"]), config=TRAIN,
+        help="auto: a float label is regressed, any other classified; regression also regresses an integer label "
+             "(R², MAE, RMSE, MAPE), classification also treats its values as classes.")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=TRAIN,
         help="Where to train: auto is cuda when there is a GPU.")
 @hyper_options

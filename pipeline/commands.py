@@ -68,6 +68,8 @@ def train_command(store: str, config: dict, runs: int) -> str:
     representations, layer set, label, model and seed, and each recorded hyper-parameter that is not the default."""
     args = ["--rep", "+".join(r["name"] for r in config["reps"]), "--layers", config["layer_set"],
             "--label", config["label"], "--model", config["model"], "--seed", config["seed"], "--runs", runs]
+    if config.get("task") == "regression":  # auto for a float label, but not for an integer one: say it
+        args[-2:-2] = ["--task", "regression"]
     ignored = LINEAR if config["model"] == "linear" else {}  # recorded as 0: no option of a linear model
     defaults = Hyper()
     for name in (f.name for f in fields(Hyper) if f.name not in ignored):

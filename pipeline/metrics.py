@@ -54,9 +54,13 @@ def r2(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
 
 
 def regression(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, torch.Tensor]:
-    """R^2, MAE and RMSE per run, each (R,)."""
-    err = y_pred.to(torch.float64) - y_true.to(torch.float64)[None]
-    return {"r2": r2(y_true, y_pred), "mae": err.abs().mean(1), "rmse": err.pow(2).mean(1).sqrt()}
+    """R^2, MAE, RMSE and MAPE per run, each (R,). MAPE is scikit-learn's: mean |y - y_pred| / max(|y|, eps), a
+    fraction (not %), eps the float64 machine epsilon (DSiRe reports it for its image-count regression)."""
+    y = y_true.to(torch.float64)
+    err = y_pred.to(torch.float64) - y[None]
+    eps = torch.finfo(torch.float64).eps
+    return {"r2": r2(y_true, y_pred), "mae": err.abs().mean(1), "rmse": err.pow(2).mean(1).sqrt(),
+            "mape": (err.abs() / y.abs().clamp(min=eps)[None]).mean(1)}
 
 
 # --- summaries over runs (the report) ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from .model import Ensemble, evaluate, train_ensemble
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
+TASKS = ("auto", "classification", "regression")
 DEFAULT_LABEL = "category_label"  # the original's label, trained on when the store has it and --label is not given
 LAYER_SETS = {"all": None, "visual": "attn1", "text": "attn2"}  # the original's configurations
 MAX_RUNS = 1000  # runs of one configuration train as one ensemble in memory: more is a typo, not a protocol
@@ -51,6 +52,7 @@ class TrainConfig(Hyper):
     runs: int = 10
     seed: int = 42
     model: str = "mlp"  # or "linear"
+    task: str = "auto"  # auto: a float label is regressed, any other classified; or "classification", "regression"
     device: str = "auto"
     force: bool = False
     quiet: bool = False
@@ -74,6 +76,8 @@ class TrainConfig(Hyper):
                 raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; use {rule}")
         if self.model not in ("mlp", "linear"):
             raise PipelineError(f"unknown --model {self.model!r}; use mlp or linear")
+        if self.task not in TASKS:
+            raise PipelineError(f"unknown --task {self.task!r}; use {', '.join(TASKS)}")
         cluster.check_workers(self.workers)
 
     def hyper(self) -> Hyper:
@@ -198,28 +202,40 @@ def resolve_label(root: zarr.Group, path: str, label: str | None) -> str:
     raise PipelineError(f"store {path} has no {DEFAULT_LABEL} and {what}; choose one with --label (it has {have})")
 
 
-def load_labels(root: zarr.Group, path: str, label: str | None) -> tuple[dict, dict, str, list[str]]:
-    """Per split the kept positions and targets, the task, and the class names. Rows without a label are dropped."""
+def load_labels(root: zarr.Group, path: str, label: str | None, task: str = "auto") -> tuple[dict, dict, str, list[str]]:
+    """Per split the kept positions and targets, the task, and the class names. Rows without a label are dropped.
+
+    ``task`` auto: a float label is regressed, a categorical, integer or boolean one classified (its distinct
+    values the classes); "regression" also regresses an integer label (e.g. LoRA-WiSE's image counts, as
+    numbers); "classification" also classifies it (DSiRe's view of the same counts: each count a class).
+    """
     label = resolve_label(root, path, label)
     known = root.attrs["labels"]
     if label not in known:
         raise PipelineError(f"unknown label {label!r}; the store has {', '.join(known) or 'no labels'}")
     kind = known[label]["kind"]
+    if task == "auto":
+        task = "regression" if kind == "float" else "classification"
+    if task == "regression" and kind not in ("float", "integer"):
+        raise PipelineError(f"--task regression needs a numeric label, but {label!r} is {kind}; use --task classification")
+    if task == "classification" and kind == "float":
+        raise PipelineError(f"--task classification needs classes, but {label!r} is a float label; use --task regression, "
+                            "or store it as integers or strings")
     raw = {split: store.read_array(root, store.label_path(root, split, label)) for split in SPLITS}
-    if kind == "float":
-        task, classes = "regression", []
+    classes = []
+    if task == "regression":
         for split, values in raw.items():  # NaN is a missing label; an infinite one is no target to learn
+            values = values.astype(np.float64)
             if np.isinf(values).any():
                 raise PipelineError(f"label {label!r} has {int(np.isinf(values).sum())} infinite value(s) in split {split!r}; "
                                     "fix them (or make them missing) in the source and rematerialize, or choose another --label")
-        keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
+        keep = {s: np.flatnonzero(np.isfinite(v.astype(np.float64))) for s, v in raw.items()}
         y = {s: raw[s][keep[s]].astype(np.float64) for s in SPLITS}
     elif kind == "categorical":
-        task, classes = "classification", list(known[label]["classes"])
+        classes = list(known[label]["classes"])
         keep = {s: np.flatnonzero(v >= 0) for s, v in raw.items()}
         y = {s: raw[s][keep[s]].astype(np.int64) for s in SPLITS}
     else:  # integer or bool: the distinct values are the classes, in sorted order (LabelEncoder)
-        task = "classification"
         values = np.unique(np.concatenate([raw[s] for s in SPLITS]))
         classes = [str(bool(v)) if kind == "bool" else str(v) for v in values]
         keep = {s: np.arange(len(v)) for s, v in raw.items()}
@@ -262,10 +278,11 @@ def axis_names(root: zarr.Group, name: str) -> list[str]:
     return [module["name"] for module in root.attrs["modules"]]
 
 
-def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cache: dict | None = None) -> Data:
+def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cache: dict | None = None,
+              task: str = "auto") -> Data:
     """Slice the stored features to the layer set, flatten per model, concatenate reps, standardise."""
     label = resolve_label(root, path, label)
-    keep, y, task, classes = load_labels(root, path, label)
+    keep, y, task, classes = load_labels(root, path, label, task)
     cache = {} if cache is None else cache
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     layers = {}
@@ -514,7 +531,7 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
     The configuration's lease is held while training: a teammate training the same configuration
     at the same time is waited for, and only the runs they did not finish are trained after them.
     """
-    data = load_data(root, config.store, setup, config.label, cache)
+    data = load_data(root, config.store, setup, config.label, cache, config.task)
     conf = config_dict(root, config, setup, data)
     digest = config_hash(conf)
     done = set() if config.force else finished_runs(root, digest)
@@ -550,7 +567,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
         for name in setup.reps:
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
-    _, targets, task, _ = load_labels(root, config.store, config.label)
+    _, targets, task, _ = load_labels(root, config.store, config.label, config.task)
     if task == "regression":
         target_scale(targets, config.label)
     summary = TrainSummary()

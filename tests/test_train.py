@@ -73,16 +73,18 @@ def test_classification_metrics_match_sklearn():
 
 
 def test_regression_metrics_match_sklearn():
-    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+    from sklearn.metrics import mean_absolute_error, mean_absolute_percentage_error, mean_squared_error, r2_score
 
     rng = np.random.default_rng(2)
     y = rng.standard_normal(40)
+    y[3] = 0.0  # MAPE's denominator: sklearn's max(|y|, eps)
     preds = np.stack([y + rng.standard_normal(40) * s for s in (0.1, 1.0, 3.0)])
     got = metrics.regression(torch.as_tensor(y), torch.as_tensor(preds))
     for r, p in enumerate(preds):
         assert got["r2"][r].item() == pytest.approx(r2_score(y, p))
         assert got["mae"][r].item() == pytest.approx(mean_absolute_error(y, p))
         assert got["rmse"][r].item() == pytest.approx(mean_squared_error(y, p) ** 0.5)
+        assert got["mape"][r].item() == pytest.approx(mean_absolute_percentage_error(y, p))
 
 
 def test_batched_ensemble_equals_the_original_loop():
@@ -269,12 +271,41 @@ def test_regression_on_a_float_label(scratch):
                                runs=2, quiet=True)).results[0]
     assert result.score == "r2"
     attrs = run_attrs(scratch, result.config_hash)[0]
-    assert set(attrs["metrics"]["test"]) == {"r2", "mae", "rmse"}
+    assert set(attrs["metrics"]["test"]) == {"r2", "mae", "rmse", "mape"}
     assert attrs["metrics"]["test"]["r2"] > 0.3
     ds = xr.open_zarr(str(scratch), group=f"runs/{result.config_hash}/run-000", consolidated=False)
     mae = float(np.abs(ds["test_pred"].values - ds["test_true"].values).mean())
     assert mae == pytest.approx(attrs["metrics"]["test"]["mae"], rel=1e-5)
     assert np.all(np.isfinite(ds["val_score"].values))
+
+
+def test_an_integer_label_is_classified_or_regressed_as_asked(scratch):
+    """LoRA-WiSE's label is an image count: DSiRe classifies the counts (--task classification, also what auto
+    does for an integer label) and regresses them (--task regression: MAE, MAPE). The two are different
+    configurations; --task auto hashes as the task it resolves to."""
+    root = zarr.open_group(str(scratch), mode="r+")
+    for split in ("train", "val", "test"):  # counts the planted class signal predicts: 1, 10 or 100 images
+        codes = root[f"labels/{split}/category_label"][:]
+        root.create_array(f"labels/{split}/images", data=(10 ** (codes % 3)).astype(np.int64), dimension_names=("model",))
+    root.attrs["labels"] = {**root.attrs["labels"], "images": {"kind": "integer", "column": "images"}}
+    common = dict(store=str(scratch), reps="dw_norms", label="images", hidden=64, epochs=25, patience=10, runs=2, quiet=True)
+    auto = train(TrainConfig(**common)).results[0]
+    classified = train(TrainConfig(**common, task="classification")).results[0]
+    regressed = train(TrainConfig(**common, task="regression")).results[0]
+    assert auto.config_hash == classified.config_hash != regressed.config_hash
+    assert (classified.score, regressed.score) == ("accuracy", "r2")
+    group = zarr.open_group(str(scratch), mode="r")[f"runs/{classified.config_hash}"]
+    assert group.attrs["classes"] == ["1", "10", "100"] and group.attrs["task"] == "classification"
+    attrs = run_attrs(scratch, regressed.config_hash)[0]
+    assert set(attrs["metrics"]["test"]) == {"r2", "mae", "rmse", "mape"}
+    ds = xr.open_zarr(str(scratch), group=f"runs/{regressed.config_hash}/run-000", consolidated=False)
+    true, pred = ds["test_true"].values, ds["test_pred"].values
+    assert sorted(np.unique(true)) == [1, 10, 100]  # the counts themselves, not class codes
+    assert np.mean(np.abs(pred - true) / np.abs(true)) == pytest.approx(attrs["metrics"]["test"]["mape"], rel=1e-5)
+    with pytest.raises(PipelineError, match="--task regression needs a numeric label, but 'category_label' is categorical"):
+        train(TrainConfig(**{**common, "label": "category_label"}, task="regression"))
+    with pytest.raises(PipelineError, match="unknown --task 'ordinal'"):
+        TrainConfig(**common, task="ordinal")
 
 
 def test_linear_model(signal_store):
