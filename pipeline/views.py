@@ -49,7 +49,8 @@ def open_features(store_location: str, split: str | list[str] = "train", reps: s
     data_vars = {name: _feature_variable(home, location, splits, rep) for name, (location, home, rep) in sources.items()}
     coords = {**_adapter_coords(root, store_location, splits),
               **_axis_coords(root, {AXES[rep.kind][0] for _, _, rep in sources.values()}),
-              **{f"{name}_feature": (f"{name}_feature", rep.feature_names()) for name, (_, _, rep) in sources.items()}}
+              **{f"{name}_feature": (f"{name}_feature", np.array(rep.feature_names(), dtype=object))
+                 for name, (_, _, rep) in sources.items()}}
     coords.update(_label_coords(root, splits, taken=set(coords) | set(data_vars) | {f"{n}_feature" for n in data_vars}))
     attrs = {"store": str(store_location), "splits": splits, "source_fingerprint": root.attrs["source"]["fingerprint"]}
     if store.base_location(root):
