@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import store
+from . import store as store_mod
 from .commands import quoted
 from .errors import PipelineError
 from .views import adapter_ids
@@ -39,7 +39,7 @@ class _Run:
     group: zarr.Group  # runs/<hash>/run-NNN
 
 
-def load_runs(store_location: str) -> pd.DataFrame:
+def load_runs(store: str) -> pd.DataFrame:
     """One row per finished run: its configuration, who trained it and when, and every stored metric.
 
     Columns: RUN_COLUMNS, then every entry of the configuration (hyper-parameters such as ``lr``, ``hidden``,
@@ -48,7 +48,7 @@ def load_runs(store_location: str) -> pd.DataFrame:
     ...), and the metrics flattened: ``test_accuracy``, ``val_f1``, ``last_epoch_test_accuracy``, ... (``r2``,
     ``mae``, ``rmse`` for a regression). ``reps`` is "a+b" for concatenated representations.
     """
-    rows = [(_run_row(run), _run_metrics(run)) for run in _finished_runs(store_location)]
+    rows = [(_run_row(run), _run_metrics(run)) for run in _finished_runs(store)]
     if not rows:
         return pd.DataFrame(columns=list(RUN_COLUMNS))
     frame = pd.DataFrame([{**row, **values} for row, values in rows])
@@ -59,7 +59,7 @@ def load_runs(store_location: str) -> pd.DataFrame:
     return frame.sort_values(["label", "model", "reps", "layer_set", "config_hash", "run"], kind="stable").reset_index(drop=True)
 
 
-def load_predictions(store_location: str, config: str | list[str] | None = None, runs: int | list[int] | None = None) -> pd.DataFrame:
+def load_predictions(store: str, config: str | list[str] | None = None, runs: int | list[int] | None = None) -> pd.DataFrame:
     """Each finished run's prediction for every test adapter, with the true label: one row per (run, adapter).
 
     config: a config hash (or an unambiguous prefix of one), a list of them, or None for every configuration;
@@ -67,15 +67,15 @@ def load_predictions(store_location: str, config: str | list[str] | None = None,
     ``open_features`` (so the two join), ``y_true``/``y_pred`` are class codes (or values, for a regression),
     ``true``/``pred`` the class names and ``correct`` whether they agree (NA for a regression).
     """
-    finished = _finished_runs(store_location)
-    wanted = _config_hashes(store_location, finished, config)
+    finished = _finished_runs(store)
+    wanted = _config_hashes(store, finished, config)
     numbers = None if runs is None else {int(runs)} if isinstance(runs, (int, np.integer)) else {int(r) for r in runs}
     chosen = [r for r in finished if r.config_hash in wanted and (numbers is None or r.mark.get("run") in numbers)]
     if not chosen:
         return pd.DataFrame(columns=list(PREDICTION_COLUMNS))
-    root = store.open_root(store_location, mode="r")
-    ids = adapter_ids(root, store_location)["test"]
-    rows_of = store.read_array(root, store.index_path(root, "test", "row"))
+    root = store_mod.open_root(store, mode="r")
+    ids = adapter_ids(root, store)["test"]
+    rows_of = store_mod.read_array(root, store_mod.index_path(root, "test", "row"))
     frames = [_predictions(run, ids, rows_of) for run in chosen]
     return pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
 
@@ -89,15 +89,15 @@ def _finished_runs(location: str) -> list[_Run]:
     The one place that walks runs/. A run that both stores hold (the same configuration trained in each) is
     read from the store itself, as its features are.
     """
-    root = store.open_root(location, mode="r")
+    root = store_mod.open_root(location, mode="r")
     homes = [(str(location), root)]
-    base = store.base_location(root)
+    base = store_mod.base_location(root)
     if base:
-        homes.append((base, store.open_root(base, mode="r")))
+        homes.append((base, store_mod.open_root(base, mode="r")))
     found: dict[tuple[str, int], _Run] = {}
     for home_location, home in homes:
-        with store.damaged_metadata_is_one_line(home_location, "runs/"):
-            runs = store.member(home, "runs")
+        with store_mod.damaged_metadata_is_one_line(home_location, "runs/"):
+            runs = store_mod.member(home, "runs")
             for digest in sorted(runs.group_keys()) if runs is not None else ():
                 group = runs[digest]
                 for key in sorted(k for k in group.group_keys() if k.startswith("run-")):
@@ -156,9 +156,9 @@ def _config_hashes(location: str, finished: list[_Run], config) -> set[str]:
 
 
 def _predictions(run: _Run, ids: np.ndarray, rows_of: np.ndarray) -> pd.DataFrame:
-    index = store.read_array(run.group, "test_index")
-    y_true = store.read_array(run.group, "test_true")
-    y_pred = store.read_array(run.group, "test_pred")
+    index = store_mod.read_array(run.group, "test_index")
+    y_true = store_mod.read_array(run.group, "test_true")
+    y_pred = store_mod.read_array(run.group, "test_pred")
     classification = run.configuration.get("task") == "classification"
     frame = pd.DataFrame({"config_hash": run.config_hash, "run": run.mark.get("run"), "seed": run.mark.get("seed"),
                           "name": run.configuration.get("name"), "label": run.configuration.get("label"),

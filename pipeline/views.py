@@ -4,7 +4,7 @@ Every view opens the store read-only and works alike on a local, read-only, remo
 personal (``--output``) store; a personal store shows its own features and those of the store it
 builds on. Arrays stay lazy (dask); what is read eagerly is small: labels, adapter ids, metadata.
 Before anything is returned, every chunk of every array a view shows is checked to exist
-(``store.check_chunks``): zarr would read an absent chunk as zeros, a view refuses it in one line.
+(``pipeline.store.check_chunks``): zarr would read an absent chunk as zeros, a view refuses it in one line.
 docs/api.md walks through them.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from . import store
+from . import store as store_mod
 from .commands import quoted
 from .errors import PipelineError
 
@@ -31,7 +31,7 @@ AXES = {
 }
 
 
-def open_features(store_location: str, split: str | list[str] = "train", reps: str | list[str] | None = None) -> xr.Dataset:
+def open_features(store: str, split: str | list[str] = "train", reps: str | list[str] | None = None) -> xr.Dataset:
     """The complete representations of one or more splits, labelled: an ``xarray.Dataset`` of dask arrays.
 
     split: a split name, "all" (every split, in the store's order), a list, or "train,test".
@@ -43,24 +43,24 @@ def open_features(store_location: str, split: str | list[str] = "train", reps: s
     ``adapter``: the stable id (``adapter_ids``), ``split``, ``row`` (in the source split), and every label,
     decoded (categorical ones as class names, their codes and classes in ``flag_values``/``flag_meanings``).
     """
-    root = _open(store_location)
-    splits = _splits(root, store_location, split)
-    sources, left_out = _feature_sources(root, store_location, splits, reps)
+    root = _open(store)
+    splits = _splits(root, store, split)
+    sources, left_out = _feature_sources(root, store, splits, reps)
     data_vars = {name: _feature_variable(home, location, splits, rep) for name, (location, home, rep) in sources.items()}
-    coords = {**_adapter_coords(root, store_location, splits),
+    coords = {**_adapter_coords(root, store, splits),
               **_axis_coords(root, {AXES[rep.kind][0] for _, _, rep in sources.values()}),
               **{f"{name}_feature": (f"{name}_feature", np.array(rep.feature_names(), dtype=object))
                  for name, (_, _, rep) in sources.items()}}
     coords.update(_label_coords(root, splits, taken=set(coords) | set(data_vars) | {f"{n}_feature" for n in data_vars}))
-    attrs = {"store": str(store_location), "splits": splits, "source_fingerprint": root.attrs["source"]["fingerprint"]}
-    if store.base_location(root):
-        attrs["base"] = store.base_location(root)
+    attrs = {"store": str(store), "splits": splits, "source_fingerprint": root.attrs["source"]["fingerprint"]}
+    if store_mod.base_location(root):
+        attrs["base"] = store_mod.base_location(root)
     if left_out:
         attrs["left_out"] = "; ".join(f"{name}: {why}" for name, why in left_out.items())
     return xr.Dataset(data_vars, coords, attrs)
 
 
-def open_raw(store_location: str, split: str | list[str] = "train") -> dict[str, xr.Dataset]:
+def open_raw(store: str, split: str | list[str] = "train") -> dict[str, xr.Dataset]:
     """The raw LoRA factors, lazily (dask), for representations of your own: module name -> Dataset.
 
     Each Dataset has ``A`` (adapter, rank, in) and ``B`` (adapter, out, rank) as stored (ranks that vary are
@@ -71,11 +71,11 @@ def open_raw(store_location: str, split: str | list[str] = "train") -> dict[str,
     """
     from .features import module_scale  # torch is imported with it: only when raw factors are asked for
 
-    root = _open(store_location)
-    splits = _splits(root, store_location, split)
-    location = store.base_location(root) or store_location
-    raw = store.open_root(location, mode="r") if location != store_location else root
-    coords = _adapter_coords(root, store_location, splits)
+    root = _open(store)
+    splits = _splits(root, store, split)
+    location = store_mod.base_location(root) or store
+    raw = store_mod.open_root(location, mode="r") if location != store else root
+    coords = _adapter_coords(root, store, splits)
     out = {}
     for module in root.attrs["modules"]:
         groups = [_complete_group(raw, location, f"raw/{s}/{module['key']}", "materialize") for s in splits]
@@ -102,12 +102,12 @@ def adapter_ids(root: zarr.Group, location: str) -> dict[str, np.ndarray]:
     the store's splits (they come from one source split); else "<source split>/<row>".
     """
     splits = root.attrs["splits"]
-    rows = {s: store.read_array(root, store.index_path(root, s, "row")) for s in splits}
-    if root.attrs.get("id_column") and all(store.member(root, store.index_path(root, s, "model_id")) is not None for s in splits):
-        names = {s: store.read_array(root, store.index_path(root, s, "model_id")).astype(object) for s in splits}
-        every = np.concatenate([names[s] for s in splits]) if splits else np.array([], dtype=object)
-        if len(set(every.tolist())) == len(every):
-            return names
+    rows = _index_arrays(root, "row")
+    names = _index_arrays(root, "model_id")
+    if names is not None:
+        every = [name for s in splits for name in names[s].tolist()]
+        if len(set(every)) == len(every):
+            return {s: names[s].astype(object) for s in splits}
     sources = {s: info.get("source_split", s) for s, info in splits.items()}
     keys = [(sources[s], int(r)) for s in splits for r in rows[s]]
     if len({row for _, row in keys}) == len(keys):
@@ -118,8 +118,16 @@ def adapter_ids(root: zarr.Group, location: str) -> dict[str, np.ndarray]:
 # --- the pieces ---------------------------------------------------------------------------------------
 
 
+def _index_arrays(root: zarr.Group, name: str) -> dict[str, np.ndarray] | None:
+    """The bookkeeping array ``name`` (row, model_id) of every split of the store, or None where a split lacks it."""
+    paths = {s: store_mod.index_path(root, s, name) for s in root.attrs["splits"]}
+    if any(store_mod.member(root, path) is None for path in paths.values()):
+        return None
+    return {s: store_mod.read_array(root, path) for s, path in paths.items()}
+
+
 def _open(location: str) -> zarr.Group:
-    return store.open_root(str(location), mode="r")
+    return store_mod.open_root(str(location), mode="r")
 
 
 def _splits(root: zarr.Group, location: str, split) -> list[str]:
@@ -138,8 +146,8 @@ def _splits(root: zarr.Group, location: str, split) -> list[str]:
 
 def _homes(root: zarr.Group, location: str) -> list[tuple[str, zarr.Group]]:
     """Where features are looked for: the store itself, then the store it builds on (a personal store)."""
-    base = store.base_location(root)
-    return [(str(location), root)] + ([(base, store.open_root(base, mode="r"))] if base else [])
+    base = store_mod.base_location(root)
+    return [(str(location), root)] + ([(base, store_mod.open_root(base, mode="r"))] if base else [])
 
 
 def _feature_sources(root: zarr.Group, location: str, splits: list[str], reps) -> tuple[dict, dict]:
@@ -155,10 +163,10 @@ def _feature_sources(root: zarr.Group, location: str, splits: list[str], reps) -
         present = {}
         for _, home in homes:
             for split in splits:
-                group = store.member(home, f"features/{split}")
+                group = store_mod.member(home, f"features/{split}")
                 present.update(dict.fromkeys(group.array_keys() if group is not None else ()))
-        names = [n for n in representations.REGISTRY if n in present] + sorted(n for n in present
-                                                                               if n not in representations.REGISTRY and n not in ("layer", "module"))
+        unknown = sorted(n for n in present if n not in representations.REGISTRY and n not in ("layer", "module"))
+        names = [n for n in representations.REGISTRY if n in present] + unknown  # unknown ones are left out, and said so
         asked = False
     else:
         names = [r.strip() for r in reps.split(",") if r.strip()] if isinstance(reps, str) else list(reps)
@@ -169,7 +177,7 @@ def _feature_sources(root: zarr.Group, location: str, splits: list[str], reps) -
             representations.get(name)  # an unknown name: one line listing the valid ones
         best, why = None, "not complete"
         for home_location, home in homes:
-            arrays = [store.member(home, f"features/{split}/{name}") for split in splits]
+            arrays = [store_mod.member(home, f"features/{split}/{name}") for split in splits]
             missing = [s for s, a in zip(splits, arrays) if not isinstance(a, zarr.Array) or not a.attrs.get("complete")]
             if missing:
                 why = f"not complete in {', '.join(missing)}"
@@ -186,8 +194,8 @@ def _feature_sources(root: zarr.Group, location: str, splits: list[str], reps) -
         if best is not None:
             chosen[name] = best
         elif asked:
-            raise PipelineError(f"representation {name!r} is {why} in store {location}"
-                                f"{' or its base' if len(homes) > 1 else ''}; run {quoted('features', location, '--rep', name)}")
+            where = f"store {location}" + (" or its base" if len(homes) > 1 else "")
+            raise PipelineError(f"representation {name!r} is {why} in {where}; run {quoted('features', location, '--rep', name)}")
         else:
             left_out[name] = why
     return chosen, left_out
@@ -219,13 +227,13 @@ def _lazy(arrays: list[zarr.Array], groups: list[zarr.Group] | None = None):
     import dask.array as da
 
     for array, group in zip(arrays, groups or [None] * len(arrays)):
-        store.check_chunks(array, group=group)
+        store_mod.check_chunks(array, group=group)
     parts = [da.from_zarr(array) for array in arrays]
     return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=0)
 
 
 def _complete_group(root: zarr.Group, location: str, path: str, command: str) -> zarr.Group:
-    group = store.member(root, path)
+    group = store_mod.member(root, path)
     if not isinstance(group, zarr.Group) or not group.attrs.get("complete"):
         raise PipelineError(f"{path} of store {location} is not complete; run {quoted(command, location)}")
     return group
@@ -234,23 +242,22 @@ def _complete_group(root: zarr.Group, location: str, path: str, command: str) ->
 def _module_values(group: zarr.Group, name: str, constant, varies: bool) -> np.ndarray:
     n = group["A"].shape[0]
     if varies:
-        return store.read_array(group, name)
+        return store_mod.read_array(group, name)
     return np.full(n, np.nan if constant is None else constant, dtype=np.float64)
 
 
 def _adapter_coords(root: zarr.Group, location: str, splits: list[str]) -> dict:
-    ids = adapter_ids(root, location)
+    ids, rows, names = adapter_ids(root, location), _index_arrays(root, "row"), _index_arrays(root, "model_id")
     coords = {
         ADAPTER: (ADAPTER, np.concatenate([ids[s] for s in splits]),
                   {"description": "stable id: the source's id column, else the row in the source split"}),
         "split": (ADAPTER, np.array([s for s in splits for _ in range(len(ids[s]))], dtype=object)),
-        "row": (ADAPTER, np.concatenate([store.read_array(root, store.index_path(root, s, "row")) for s in splits]).astype(np.int64),
-                {"description": "row index in the source split"}),
+        "row": (ADAPTER, np.concatenate([rows[s] for s in splits]).astype(np.int64), {"description": "row index in the source split"}),
     }
-    if all(store.member(root, store.index_path(root, s, "model_id")) is not None for s in splits):
-        names = np.concatenate([store.read_array(root, store.index_path(root, s, "model_id")).astype(object) for s in splits])
-        if not np.array_equal(names, coords[ADAPTER][1]):  # the id column does not name adapters once: shown beside the id
-            coords["model_id"] = (ADAPTER, names)
+    if names is not None:
+        every = np.concatenate([names[s] for s in splits]).astype(object)
+        if not np.array_equal(every, coords[ADAPTER][1]):  # the id column does not name adapters once: shown beside the id
+            coords["model_id"] = (ADAPTER, every)
     return coords
 
 
@@ -260,7 +267,8 @@ def _axis_coords(root: zarr.Group, dims: set[str]) -> dict:
     if "layer" in dims:
         layers = root.attrs["layers"]
         coords["layer"] = ("layer", np.array([layer["name"] for layer in layers], dtype=object))
-        coords["layer_module"] = ("layer", np.array([modules.get(layer["module"], layer["module"]) for layer in layers], dtype=object))
+        owners = [modules.get(layer["module"], layer["module"]) for layer in layers]
+        coords["layer_module"] = ("layer", np.array(owners, dtype=object))
         coords["layer_role"] = ("layer", np.array([layer["role"] for layer in layers], dtype=object),
                                 {"description": "A: the down factor (r, in); B: the up factor (out, r)"})
     if "module" in dims:
@@ -275,7 +283,7 @@ def _label_coords(root: zarr.Group, splits: list[str], taken: set[str]) -> dict:
     """
     coords = {}
     for label, info in root.attrs["labels"].items():
-        values = np.concatenate([store.read_array(root, store.label_path(root, s, label)) for s in splits])
+        values = np.concatenate([store_mod.read_array(root, store_mod.label_path(root, s, label)) for s in splits])
         attrs = {"kind": info["kind"], "column": info.get("column", label)}
         if info["kind"] == "categorical":
             classes = list(info["classes"])
