@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import FeaturesConfig, compute_features
 from pipeline.train import TrainConfig, train
 from test_readonly import shared  # noqa: F401 - the read-only copy of trained_small (a fixture)
-from test_remote import s3  # noqa: F401 - the S3 server (a fixture)
+from test_remote import s3  # noqa: F401 - the S3 server (a fixture; this module's own when it starts one)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEAMMATE = {**SMALL_TRAIN, "lr": 1e-2}  # the same representation and layers as trained_small's run, another lr
@@ -372,8 +372,18 @@ def test_readers_on_a_memory_url(api_store):
     _same(_read_everything(url), _read_everything(str(api_store)))
 
 
-def test_readers_on_s3(s3, api_store):  # noqa: F811
+@pytest.fixture
+def bucket(s3):  # noqa: F811
+    """The S3 bucket; afterwards fsspec forgets its S3 filesystems, which hold this server's endpoint: when the
+    fixture started a server of its own, test_remote's fixture starts another, at another port."""
     import s3fs
 
-    _upload(api_store, s3fs.S3FileSystem(use_listings_cache=False), f"s3://{s3}/api/team.zarr")
-    _same(_read_everything(f"s3://{s3}/api/team.zarr"), _read_everything(str(api_store)))
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_readers_on_s3(bucket, api_store):
+    import s3fs
+
+    _upload(api_store, s3fs.S3FileSystem(use_listings_cache=False), f"s3://{bucket}/api/team.zarr")
+    _same(_read_everything(f"s3://{bucket}/api/team.zarr"), _read_everything(str(api_store)))
