@@ -36,6 +36,11 @@ ENSEMBLE_PARTS = ("spectral", "matrix_norms", "distribution", "frequency", "info
 GL_INVARIANT = "GL(r): (B G^-1, G A)"
 
 
+def quantile_names(qs: tuple[float, ...]) -> tuple[str, ...]:
+    """(0.01, 0.5) -> ("q01", "q50"): the feature names of quantiles."""
+    return tuple(f"q{round(q * 100):02d}" for q in qs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameters
 
@@ -57,6 +62,9 @@ class SpectrumParams:
     def width(self) -> int:
         return self.k
 
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f"s{i}" for i in range(self.k))
+
 
 @dataclass(frozen=True)
 class ProbeParams:
@@ -73,6 +81,9 @@ class ProbeParams:
     def width(self) -> int:
         return self.count
 
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f"probe{i}" for i in range(self.count))
+
 
 @dataclass(frozen=True)
 class CanonicalParams:
@@ -85,6 +96,10 @@ class CanonicalParams:
 
     def width(self) -> int:
         return 2 * _CANON_STATS * self.k
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Component-major, as dw_canonical lays them out: u0_mean ... u0_deloc, v0_mean ... v0_deloc, u1_mean, ..."""
+        return tuple(f"{side}{j}_{stat}" for j in range(self.k) for side in "uv" for stat in CANONICAL_STATS)
 
 
 def _check_positive(params, field: str) -> None:
@@ -109,6 +124,8 @@ class Representation:
     params: object  # a frozen dataclass instance
     fn: Callable
     opt_in: bool = False  # True: costly, computed only when named ("all" leaves it out)
+    # What each of the ``width`` output columns is, in order; empty when the params define them (feature_names()).
+    features: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("tensor", "module"):
@@ -118,6 +135,15 @@ class Representation:
         declared = getattr(self.params, "width", None)
         if declared is not None and declared() != self.width:
             raise ValueError(f"representation {self.name!r}: width {self.width} but params give {declared()}")
+        names = self.feature_names()
+        if names and (len(names) != self.width or len(set(names)) != len(names)):
+            raise ValueError(f"representation {self.name!r}: width {self.width} needs as many distinct feature names, "
+                             f"got {len(names)} ({len(set(names))} distinct)")
+
+    def feature_names(self) -> list[str]:
+        """The name of each output column, in order (the ``<name>_feature`` coordinate of pipeline.open_features)."""
+        from_params = getattr(self.params, "feature_names", None)
+        return list(from_params() if from_params is not None else self.features)
 
     def spec(self) -> dict:
         return {"name": self.name, "version": self.version, "configuration": dataclasses.asdict(self.params)}
@@ -139,9 +165,11 @@ REGISTRY: dict[str, Representation] = {}
 
 
 def register(rep: Representation) -> Representation:
-    """Add rep to REGISTRY under its name (once)."""
+    """Add rep to REGISTRY under its name (once); it must name its features (``features`` or params.feature_names())."""
     if rep.name in REGISTRY:
         raise ValueError(f"representation {rep.name!r} is already registered")
+    if not rep.feature_names():
+        raise ValueError(f"representation {rep.name!r} names none of its {rep.width} features; pass features=(...)")
     REGISTRY[rep.name] = rep
     return rep
 
@@ -304,6 +332,9 @@ def _svdvals(x: torch.Tensor) -> torch.Tensor:
 # Tensor kind: the nine representations of the original experiment
 
 
+SIMPLE_STATS = ("l2", "mean", "std", "max", "min")
+
+
 def simple_stats(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     """(n, rows, cols) -> (n, 5): L2 norm of flat, mean, std, max, min."""
     flat = _as_float(x).flatten(1)
@@ -311,10 +342,16 @@ def simple_stats(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     return _finish([torch.linalg.vector_norm(flat, dim=1), mean, std, flat.amax(1), flat.amin(1)])
 
 
+RANK_BASED = (*quantile_names(RANK_QUANTILES), "iqr", "q99_minus_q01")
+
+
 def rank_based(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     """(n, rows, cols) -> (n, 11): 9 quantiles, q.75 - q.25, q.99 - q.01."""
     q = _quantiles(_as_float(x).flatten(1), RANK_QUANTILES)
     return _finish([q, q[:, 5] - q[:, 3], q[:, 8] - q[:, 0]])
+
+
+STATS = ("mean", "std", "median", "min", "max", "skew", "kurt")
 
 
 def stats(x: torch.Tensor, params: NoParams) -> torch.Tensor:
@@ -324,6 +361,11 @@ def stats(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     median = _order_stats(flat, [(flat.shape[1] - 1) // 2])[:, 0]
     skew, kurt = _skew_kurt(flat, mean, std)
     return _finish([mean, std, median, flat.amin(1), flat.amax(1), skew, kurt])
+
+
+# s_i; p_i = s_i / sum; gap_i = (s_i - s_i+1) / s_i; entropy of p; condition = s0 / s9; sum of s
+SPECTRAL = (*(f"s{i}" for i in range(10)), *(f"p{i}" for i in range(10)), *(f"gap{i}" for i in range(9)),
+            "entropy", "condition", "sum")
 
 
 def spectral(x: torch.Tensor, params: NoParams) -> torch.Tensor:
@@ -341,6 +383,9 @@ def _spectral_of(sv: torch.Tensor) -> torch.Tensor:
     return _finish([s, p, gaps, entropy, condition, total])
 
 
+MATRIX_NORMS = ("fro", "nuclear", "spectral", "max_col_abs_sum", "max_row_abs_sum", "nuclear_over_fro", "spectral_over_fro")
+
+
 def matrix_norms(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     """(n, rows, cols) -> (n, 7): Frobenius, nuclear, spectral, max col abs-sum, max row abs-sum, 2 ratios."""
     x = _as_float(x)
@@ -356,6 +401,9 @@ def _matrix_norms_of(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return _finish([fro, nuclear, spec, max_col, max_row, nuclear / (fro + EPS), spec / (fro + EPS)])
 
 
+DISTRIBUTION = (*quantile_names(DIST_QUANTILES), "iqr", "mean_abs_dev", "std_over_abs_mean", "skew", "kurt")
+
+
 def distribution(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     """(n, rows, cols) -> (n, 12): 7 quantiles, IQR, mean abs deviation, std/|mean|, skew, kurtosis."""
     return _distribution_of(_as_float(x).flatten(1))
@@ -367,6 +415,9 @@ def _distribution_of(flat: torch.Tensor) -> torch.Tensor:
     mad = (flat - mean[:, None]).abs().mean(1)
     skew, kurt = _skew_kurt(flat, mean, std)
     return _finish([q, q[:, 4] - q[:, 2], mad, std / (mean.abs() + EPS), skew, kurt])
+
+
+FREQUENCY = (*(f"top{i}" for i in range(10)), "mean", "std", "max", "top10_energy_share")
 
 
 def frequency(x: torch.Tensor, params: NoParams) -> torch.Tensor:
@@ -408,6 +459,9 @@ def _histogram_counts(flat: torch.Tensor, bins: int = _HIST_BINS) -> torch.Tenso
     return counts.scatter_add(1, idx, torch.ones_like(idx))
 
 
+INFO_THEORETIC = ("entropy", "entropy_over_ln50")
+
+
 def info_theoretic(x: torch.Tensor, params: NoParams) -> torch.Tensor:
     """(n, rows, cols) -> (n, 2): entropy of the 50-bin histogram over [min, max], and it / ln 50."""
     return _info_theoretic_of(_as_float(x).flatten(1))
@@ -418,6 +472,15 @@ def _info_theoretic_of(flat: torch.Tensor) -> torch.Tensor:
     p = counts / counts.sum(1, keepdim=True)
     entropy = -(p * torch.log(p + EPS)).sum(1)
     return _finish([entropy, entropy / math.log(_HIST_BINS)])
+
+
+def _ensemble_names() -> tuple[str, ...]:
+    parts = {"spectral": SPECTRAL, "matrix_norms": MATRIX_NORMS, "distribution": DISTRIBUTION, "frequency": FREQUENCY,
+             "info_theoretic": INFO_THEORETIC}
+    return tuple(f"{part}.{name}" for part in ENSEMBLE_PARTS for name in parts[part])
+
+
+ENSEMBLE = _ensemble_names()  # "spectral.s0", ..., "info_theoretic.entropy_over_ln50"
 
 
 def ensemble(x: torch.Tensor, params: NoParams) -> torch.Tensor:
@@ -454,6 +517,9 @@ def _dw_singular_values(A, B, scale):
 def dw_spectrum(A, B, scale, params: SpectrumParams) -> torch.Tensor:
     """(n, r, in), (n, out, r), (n,) -> (n, k): top-k singular values of dW, zero-padded."""
     return _finish([_pad_cols(_dw_singular_values(A, B, scale), params.k)])
+
+
+DW_NORMS = ("fro", "spectral", "nuclear", "stable_rank", "entropy")
 
 
 def dw_norms(A, B, scale, params: NoParams) -> torch.Tensor:
@@ -504,6 +570,9 @@ def _factored_power_sums(U: torch.Tensor, V: torch.Tensor):
     return s2, s3, s4, norms.sum(1) ** 2
 
 
+DW_STATS = ("mean", "std", "skew", "kurt")
+
+
 def dw_stats(A, B, scale, params: NoParams) -> torch.Tensor:
     """-> (n, 4): mean, std, skew, kurtosis of the N = out x in entries of dW, exact, without a sort.
 
@@ -551,6 +620,9 @@ def dw_stats(A, B, scale, params: NoParams) -> torch.Tensor:
     return _finish([mean, std, skew, kurt])
 
 
+DW_QUANTILE_NAMES = quantile_names(DW_QUANTILES)
+
+
 def dw_quantiles(A, B, scale, params: NoParams) -> torch.Tensor:
     """-> (n, 7): quantiles .01 .05 .25 .5 .75 .95 .99 of dW's entries (linear interpolation, torch.quantile's).
 
@@ -589,7 +661,8 @@ def dw_probe(A, B, scale, params: ProbeParams) -> torch.Tensor:
     return _finish([scale.to(A.dtype).abs()[:, None] * torch.linalg.vector_norm(y, dim=1)])
 
 
-_CANON_STATS = 5  # mean, std, min, max, delocalisation per factor column
+CANONICAL_STATS = ("mean", "std", "min", "max", "deloc")  # per factor column; deloc = ||c||_1 / (sqrt(d) ||c||_2)
+_CANON_STATS = len(CANONICAL_STATS)
 
 
 def _column_stats(f: torch.Tensor) -> torch.Tensor:
@@ -637,19 +710,20 @@ def dw_canonical(A, B, scale, params: CanonicalParams) -> torch.Tensor:
 # Registration: one explicit call each, in the order `--rep all` computes them
 
 _NONE = NoParams()
-register(Representation("simple_stats", 1, "tensor", 5, "none", _NONE, simple_stats))
-register(Representation("rank_based", 1, "tensor", 11, "none", _NONE, rank_based))
-register(Representation("stats", 1, "tensor", 7, "none", _NONE, stats))
-register(Representation("spectral", 1, "tensor", 32, "none", _NONE, spectral))
-register(Representation("matrix_norms", 1, "tensor", 7, "none", _NONE, matrix_norms))
-register(Representation("distribution", 1, "tensor", 12, "none", _NONE, distribution))
-register(Representation("frequency", 1, "tensor", 14, "none", _NONE, frequency))
-register(Representation("info_theoretic", 1, "tensor", 2, "none", _NONE, info_theoretic))
-register(Representation("ensemble", 1, "tensor", 67, "none", _NONE, ensemble))
-register(Representation("dw_spectrum", 1, "module", 8, GL_INVARIANT, SpectrumParams(), dw_spectrum))
-register(Representation("dw_norms", 1, "module", 5, GL_INVARIANT, _NONE, dw_norms))
-register(Representation("dw_stats", 2, "module", 4, GL_INVARIANT, _NONE, dw_stats))
-register(Representation("dw_probe", 1, "module", 16, GL_INVARIANT, ProbeParams(), dw_probe))
+register(Representation("simple_stats", 1, "tensor", 5, "none", _NONE, simple_stats, features=SIMPLE_STATS))
+register(Representation("rank_based", 1, "tensor", 11, "none", _NONE, rank_based, features=RANK_BASED))
+register(Representation("stats", 1, "tensor", 7, "none", _NONE, stats, features=STATS))
+register(Representation("spectral", 1, "tensor", 32, "none", _NONE, spectral, features=SPECTRAL))
+register(Representation("matrix_norms", 1, "tensor", 7, "none", _NONE, matrix_norms, features=MATRIX_NORMS))
+register(Representation("distribution", 1, "tensor", 12, "none", _NONE, distribution, features=DISTRIBUTION))
+register(Representation("frequency", 1, "tensor", 14, "none", _NONE, frequency, features=FREQUENCY))
+register(Representation("info_theoretic", 1, "tensor", 2, "none", _NONE, info_theoretic, features=INFO_THEORETIC))
+register(Representation("ensemble", 1, "tensor", 67, "none", _NONE, ensemble, features=ENSEMBLE))
+register(Representation("dw_spectrum", 1, "module", 8, GL_INVARIANT, SpectrumParams(), dw_spectrum))  # names: s0..s{k-1}
+register(Representation("dw_norms", 1, "module", 5, GL_INVARIANT, _NONE, dw_norms, features=DW_NORMS))
+register(Representation("dw_stats", 2, "module", 4, GL_INVARIANT, _NONE, dw_stats, features=DW_STATS))
+register(Representation("dw_probe", 1, "module", 16, GL_INVARIANT, ProbeParams(), dw_probe))  # probe0..probe{count-1}
 register(Representation("dw_canonical", 1, "module", 40, GL_INVARIANT + ", signs canonicalised", CanonicalParams(),
-                        dw_canonical))
-register(Representation("dw_quantiles", 1, "module", 7, GL_INVARIANT, _NONE, dw_quantiles, opt_in=True))
+                        dw_canonical))  # u0_mean ... v{k-1}_deloc (CanonicalParams.feature_names)
+register(Representation("dw_quantiles", 1, "module", 7, GL_INVARIANT, _NONE, dw_quantiles, opt_in=True,
+                        features=DW_QUANTILE_NAMES))

@@ -178,8 +178,9 @@ def test_open_features_gives_names_and_labels(store):
     root = zarr.open_group(str(store), mode="r")
     assert list(ds.layer.values) == [layer["name"] for layer in root.attrs["layers"]]
     assert list(ds.module.values) == [m["name"] for m in root.attrs["modules"]]
-    np.testing.assert_array_equal(ds.category_label.values, root["labels/train/category_label"][:])
-    assert ds.dw_norms.dims == ("model", "module", "dw_norms_feature")
+    classes = root["labels/train/category_label"].attrs["classes"]
+    assert list(ds.category_label.values) == [classes[c] for c in root["labels/train/category_label"][:]]
+    assert ds.dw_norms.dims == ("adapter", "module", "dw_norms_feature")
 
 
 def test_list_shows_every_representation():

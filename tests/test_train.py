@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -13,11 +14,14 @@ import xarray as xr
 import zarr
 
 from conftest import SMALL_TRAIN, assert_one_line_error, assert_same_arrays, run_cli
-from pipeline import metrics, model, train as train_mod
+from pipeline import metrics, model
 from pipeline.errors import PipelineError
 from pipeline.model import Hyper, train_ensemble
 from pipeline.train import Setup, TrainConfig, load_data, standard_scaler, train
 from reference import original_run
+
+# `pipeline.train` is the function (the package's public surface); this is the module.
+train_mod = importlib.import_module("pipeline.train")
 
 FAST = dict(hidden=32, epochs=12, patience=5, runs=2, quiet=True)  # small but real training
 
