@@ -66,7 +66,7 @@ def score_figure(results, width: str = "auto") -> Figure:
     sets = layer_sets(results.scored)
     longest = max(len(n) for n in names)
     fig = Figure(figsize=(_inches(width, longest <= 28 and len(data) <= 30),
-                          0.7 + len(names) * (0.11 * len(sets) + 0.06)), layout="constrained")
+                          max(1.8, 0.9 + len(names) * (0.11 * len(sets) + 0.06))), layout="constrained")
     ax = fig.subplots()
     height = 0.8 / len(sets)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
@@ -101,7 +101,7 @@ def curves_figure(results, width: str = "auto") -> Figure:
     cols = min(4 if width != "column" else 2, len(configs))
     rows = -(-len(configs) // cols)
     inches = _inches(width, cols <= 2)
-    fig = Figure(figsize=(inches, 0.4 + 1.25 * rows * (inches / PAGE if cols > 2 else 1)), layout="constrained")
+    fig = Figure(figsize=(inches, max(1.8, 0.4 + 1.25 * rows * (inches / PAGE if cols > 2 else 1))), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, config in zip(axes.flat, configs):
         for k, run in enumerate(config.runs):
