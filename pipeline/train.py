@@ -598,12 +598,20 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
 
 class _Bar:
     """train's progress: configurations done of the total (tqdm's rate and ETA), runs done of the grid's, and the
-    current configuration's epoch; epoch notes at most every 0.2 s (one step is far shorter than a redraw)."""
+    current configuration's epoch; epoch notes at most every 0.2 s (one step is far shorter than a redraw).
+
+    The bar appears with the first epoch or finished configuration, so that bad input found while loading the
+    first configuration's data stays the one line of its error."""
 
     def __init__(self, progress, configurations: int, config: TrainConfig):
-        self.bar = progress(total_layers=configurations, total_bytes=0) if progress else None
+        self.progress, self.configurations, self.bar = progress, configurations, None
         self.total, self.runs_done, self.epochs = configurations * config.runs, 0, config.epochs
         self.setup, self.shown = None, 0.0
+
+    def _shown(self):
+        if self.bar is None and self.progress is not None:
+            self.bar = self.progress(total_layers=self.configurations, total_bytes=0)
+        return self.bar
 
     def start(self, setup: Setup) -> None:
         self.setup = setup
@@ -612,14 +620,14 @@ class _Bar:
 
     def epoch(self, epoch: int, active: int, runs: int) -> None:
         now = time.monotonic()
-        if self.bar and (now - self.shown > 0.2 or active == 0):
+        if (now - self.shown > 0.2 or active == 0) and self._shown():
             self.shown = now
             self.bar.note(f"{self.setup.name} · runs {self.runs_done}/{self.total}, {active} of {runs} training · "
                           f"epoch {epoch}/{self.epochs}")
 
     def done(self, result: ConfigResult) -> None:
         self.runs_done += len(result.trained) + len(result.skipped)
-        if self.bar:
+        if self._shown():
             self.bar.note(f"runs {self.runs_done}/{self.total}")
             self.bar.update(1, 0)
 
