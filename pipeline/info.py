@@ -74,8 +74,7 @@ def _training(root: zarr.Group, busy: dict) -> list[dict]:
     for digest, group in store.configurations(root):
         a = group.attrs.asdict()
         done = [run.attrs.asdict() for run in store.runs_of(group, complete=True).values()]
-        if "reps" in a and "label" in a and "layer_set" in a:
-            configs.append(Config(digest, a, done, group))
+        configs.append(Config(digest, a, done, group))
     label_variants(configs)
     out = []
     for c in configs:
@@ -86,7 +85,7 @@ def _training(root: zarr.Group, busy: dict) -> list[dict]:
                     "runs_done": len(done), "score": done[0]["score"] if done else None,
                     "best_test": max(tests) if tests else None,
                     "mean_test": float(np.mean(tests)) if tests else None,
-                    "authors": c.authors, "author": c.authors[0] if c.authors else "", "trained_at": c.trained_at,
+                    "authors": c.authors, "author": c.authors[0] if c.authors else "", "trained_at": c.trained_at, "written": True,
                     "being_trained": _holder(busy[f"train/{c.digest}"]) if f"train/{c.digest}" in busy else None})
     known = {c.digest for c in configs}
     for scope, holder in busy.items():  # a lease taken before its configuration's attrs (or by an older version)
@@ -94,7 +93,7 @@ def _training(root: zarr.Group, busy: dict) -> list[dict]:
         if scope.startswith("train/") and digest not in known:
             out.append({"config_hash": digest, "reps": "", "layer_set": None, "variant": "(configuration not written yet)",
                         "label": None, "model": None, "differs": {}, "hyper": {}, "runs_done": 0, "score": None,
-                        "best_test": None, "mean_test": None, "authors": [], "author": "", "trained_at": "",
+                        "best_test": None, "mean_test": None, "authors": [], "author": "", "trained_at": "", "written": False,
                         "being_trained": _holder(holder)})
     return sorted(out, key=lambda t: (t["label"] or "", t["model"] or "", t["variant"], t["layer_set"] or ""))
 
@@ -163,7 +162,7 @@ def describe(path: str) -> str:
         who = f"by {busy['by']} since {busy['since']}" if busy else f"by {stamp['created_by']} at {stamp['created_at']}"
         lines.append(f"feature  {name:15} v{rep['version']}  {rep['state']:10} {rep['bytes'] / 1e6:8.1f} MB  {who}")
     for t in s["training"]:
-        if t["layer_set"] is None:
+        if not t["written"]:
             lines.append(f"training {t['config_hash']}  being trained by {t['being_trained']['by']} since "
                          f"{t['being_trained']['since']} (what it is: in its attrs once its first runs are written)")
             continue

@@ -60,7 +60,7 @@ class Config:
 
     @property
     def reps(self) -> str:
-        return "+".join(self.attrs["reps"])
+        return "+".join(self.attrs.get("reps", []))
 
     @property
     def hyper(self) -> dict:
@@ -125,7 +125,7 @@ def differences(attrs: dict) -> dict:
     defaults = {f.name: f.default for f in fields(Hyper)}
     if attrs.get("model") == "linear":
         defaults.update(LINEAR)
-    out = {"model": attrs["model"]} if attrs.get("model", "mlp") != "mlp" else {}
+    out = {"model": attrs["model"]} if attrs.get("model", "mlp") != "mlp" else {}  # absent: an old or damaged group
     if conf.get("seed", DEFAULT_SEED) != DEFAULT_SEED:
         out["seed"] = conf["seed"]
     out.update({k: conf[k] for k in HYPER if k in conf and conf[k] != defaults[k]})
@@ -146,20 +146,20 @@ def label_variants(configs: list[Config]) -> None:
     """
     for c in configs:
         conf = {k: v for k, v in (c.attrs.get("config") or {}).items() if k not in ("layer_set", "layers_hash")}
-        c.variant_key = provenance.content_hash({"label": c.attrs["label"], "reps": c.attrs["reps"], **conf}, length=16)
+        c.variant_key = provenance.content_hash({"label": c.attrs.get("label"), "reps": c.attrs.get("reps"), **conf}, length=16)
         diff = describe_differences(differences(c.attrs))
         c.variant = f"{c.reps} · {diff}" if diff else c.reps
     seen: dict[tuple, set] = {}
     for c in configs:
-        seen.setdefault((c.attrs["label"], c.variant), set()).add(c.variant_key)
+        seen.setdefault((c.attrs.get("label"), c.variant), set()).add(c.variant_key)
     for c in configs:
-        if len(seen[(c.attrs["label"], c.variant)]) > 1:
+        if len(seen[(c.attrs.get("label"), c.variant)]) > 1:
             c.variant = f"{c.variant} #{c.variant_key[:8]}"
     # one configuration per (variant, layer set): two with the same key and layer set (layer names that changed)
     # stay apart too, by their own hash
     cells: dict[tuple, list] = {}
     for c in configs:
-        cells.setdefault((c.attrs["label"], c.variant_key, c.attrs["layer_set"]), []).append(c)
+        cells.setdefault((c.attrs.get("label"), c.variant_key, c.attrs.get("layer_set")), []).append(c)
     for group in cells.values():
         if len(group) > 1:
             for c in group:
@@ -491,7 +491,7 @@ def _vs_best_table(results: LabelResults, slug: str) -> tables.Table:
              "paired" if c.paired else "independent"] for d, c in order]
     return tables.Table(f"{slug}_vs_best", f"{results.label}: each configuration against the best, "
                         f"{best.variant} [{best.attrs['layer_set']}]",
-                        ["configuration", "layers", "Δ acc (best − this)", "95% CI", "p", "p (Holm)", "McNemar p", "runs"],
+                        ["configuration", "layers", "Δ acc (best − this)", "95% CI", "p", "p (Holm)", "McNemar p", "seeds"],
                         body, "llrrrrrl",
                         ["Δ > 0: the best is ahead. t test over test adapters and seeds (runs paired by seed when they "
                          "share them); McNemar: exact test on the majority votes of the runs. The best is chosen on the "
@@ -516,7 +516,8 @@ def _per_class_table(results: LabelResults, top: tuple[str, dict[str, Scored]], 
     return tables.Table(f"{slug}_per_class", f"{results.label}: per-class accuracy (recall) of {name}",
                         ["class", "test adapters", *[f"{ls} acc [95% CI]" for ls in present]], body,
                         "lr" + "r" * len(present),
-                        [f"Sorted by the {last} accuracy: the classes at the top survive the {last} layers best."])
+                        [f"Sorted by the {last} accuracy: the classes at the top survive the {last} layers best."
+                         if last != "all" else "Sorted by accuracy."])
 
 
 def _slug(text: str) -> str:
