@@ -65,9 +65,9 @@ def _holder(h) -> dict:
 
 
 def _training(root: zarr.Group, busy: dict) -> list[dict]:
-    """Each configuration in runs/ (one being trained for the first time included: its attrs are written when its
-    lease is taken), labelled as the report labels it, with its hyper-parameters, who trained it and when, and who
-    is training it now; then any train lease of a configuration with no attrs yet."""
+    """Each configuration in runs/, labelled as the report labels it, with its hyper-parameters, who trained it and
+    when, and who is training it now; then each configuration being trained for the first time (a train lease, and
+    no attrs until its first runs are written: a training that fails leaves nothing behind), by its hash."""
     from .report import Config, differences, label_variants
 
     configs = []
@@ -88,7 +88,7 @@ def _training(root: zarr.Group, busy: dict) -> list[dict]:
                     "authors": c.authors, "author": c.authors[0] if c.authors else "", "trained_at": c.trained_at, "written": True,
                     "being_trained": _holder(busy[f"train/{c.digest}"]) if f"train/{c.digest}" in busy else None})
     known = {c.digest for c in configs}
-    for scope, holder in busy.items():  # a lease taken before its configuration's attrs (or by an older version)
+    for scope, holder in busy.items():
         digest = scope.removeprefix("train/")
         if scope.startswith("train/") and digest not in known:
             out.append({"config_hash": digest, "reps": "", "layer_set": None, "variant": "(configuration not written yet)",

@@ -523,8 +523,6 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
 
     The configuration's lease is held while training: a teammate training the same configuration
     at the same time is waited for, and only the runs they did not finish are trained after them.
-    Its attrs are written as soon as the lease is taken, so that ``info`` can name a configuration
-    being trained for the first time.
     """
     data = load_data(root, config.store, setup, config.label, cache)
     conf = config_dict(root, config, setup, data)
@@ -539,7 +537,6 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
             todo = with_whole_batches(root, digest, [r for r in range(config.runs) if r not in done])
             done -= set(todo)
             if todo:
-                store.update_attrs(root.require_group(store.run_path(digest)), configuration_attrs(conf, digest, setup, data))
                 seconds = _train_runs(root, config, setup, data, conf, digest, todo, device, on_epoch)
         finally:
             lease.release()

@@ -131,7 +131,8 @@ def test_work_in_progress_is_shown_with_who_and_since(trained_store, tmp_path):
 
 
 def test_a_configuration_being_trained_is_shown_with_who_and_since(trained_store, tmp_path):
-    """Named from its attrs once train has taken its lease; from the lease alone before that."""
+    """One being trained for the first time is shown from its lease (who, since when) by its hash; a trained one
+    names who trained it and when."""
     from pipeline import leases
     from pipeline.store import zarr_store
 
