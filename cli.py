@@ -380,14 +380,20 @@ def features(store, list_reps, **options):
         help="Train configurations in parallel on a local dask cluster of N processes (0: in this process).")
 @option("--scheduler", config=TRAIN, help=scheduler_help)
 @dashboard_option
+@click.option("--dry-run", is_flag=True, help="Print the grid it would train, with each configuration's runs to train and "
+              "estimated cost (from the store's sizes and the timings of runs already stored); train and write nothing.")
 @quiet_option
 def train(store, **options):
     """Train classifiers (or regressors) on stored features, all runs of a configuration at once."""
+    from pipeline import progress
     from pipeline.store import default_store
     from pipeline.train import TrainConfig, train as run
 
     config = TrainConfig(store=store or default_store(), **options)
     quiet = config.quiet
+    if config.dry_run:
+        _print_plan(config)
+        return
 
     def echo(result):
         if not quiet:
@@ -396,23 +402,61 @@ def train(store, **options):
             click.echo(f"{result.setup.name:40} {result.config_hash}  width {result.width:6}  {done}{skipped}  "
                        f"test {result.score} {result.test_score:.3f}")
 
-    summary = run(config, on_result=echo, on_wait=None if quiet else _say_waiting)
+    summary = run(config, on_result=echo, on_wait=None if quiet else _say_waiting,
+                  progress=progress.factory("train", quiet, unit="config"))
     if not quiet:
         click.echo(f"{len(summary.results)} configurations: {summary.trained} runs trained, {summary.skipped} skipped, "
                    f"{summary.seconds:.1f} s")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _print_plan(config) -> None:
+    """train --dry-run: the grid, what each configuration would train, and what it would cost."""
+    from pipeline.train import plan
+
+    p = plan(config)
+    n = ", ".join(f"{split} {rows}" for split, rows in p.n.items())
+    click.echo(f"dry run: {len(p.configurations)} configurations x {config.runs} runs on {config.store} ({n} rows); "
+               "nothing is trained or written")
+    for c in p.configurations:
+        cost = f"{c.flops / 1e9:8.1f} GFLOP" + (f"  ~{_duration(c.seconds)}" if c.seconds is not None else "")
+        todo = f"{c.todo} runs to train" + (f", {c.finished} finished" if c.finished else "")
+        click.echo(f"  {c.setup.name:40} {c.config_hash}  width {c.width:6}  {todo:28} {cost}")
+    total = sum(c.flops for c in p.configurations) / 1e9
+    if p.seconds_per_gflop is None:
+        when = "time unknown: no run is stored yet to time this machine by (after one configuration, --dry-run estimates it)"
+    else:
+        when = (f"about {_duration(p.seconds)} at the {p.timed_runs} stored runs' median {1 / p.seconds_per_gflop:.2f} "
+                "GFLOP/s (epochs as the stored runs stopped early)")
+    click.echo(f"total: {p.todo} runs, {total:.1f} GFLOP, {when}")
+
+
 @main.command()
 @store_option
 @click.option("--out", default=None, type=click.Path(), help="Folder to write the report to (default: <store>.report beside the store).")
-def report(store, out):
-    """Tables and plots of the stored runs: results.md, results.csv, PNG figures."""
+@click.option("--where", default=None, metavar="FIELD=VALUE,...",
+              help="Only the configurations that match every condition, e.g. lr=1e-3,model=mlp or rep=dw_norms|spectral; "
+                   "fields: rep, layer_set, label, model, task, variant, author, config (a hash prefix), seed and every "
+                   "hyper-parameter. The confusion matrix is drawn for the best configuration it selects.")
+@click.option("--confusion", type=click.Choice(["counts", "rates"]), default="counts", show_default=True,
+              help="What the confusion matrix's cells show: counts summed over runs, or row rates.")
+@click.option("--figure-width", "width", type=click.Choice(["auto", "column", "page"]), default="auto", show_default=True,
+              help="Figures one paper column (3.4 in) or one page (7 in) wide; auto: a column when they fit.")
+@quiet_option
+def report(store, out, where, confusion, width, quiet):
+    """Tables (Markdown, CSV, LaTeX) and figures (PNG, PDF) of the stored runs, for a paper."""
     from pipeline.report import write_report
     from pipeline.store import default_store
 
-    summary = write_report(store or default_store(), out)
-    click.echo(summary.table)
-    click.echo(f"wrote {len(summary.files)} files to {summary.out}")
+    summary = write_report(store or default_store(), out, where=where, confusion=confusion, width=width)
+    if not quiet:
+        click.echo(summary.table)
+        for warning in summary.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"wrote {len(summary.files)} files to {summary.out}")
 
 
 @main.command()

@@ -65,18 +65,37 @@ def _holder(h) -> dict:
 
 
 def _training(root: zarr.Group, busy: dict) -> list[dict]:
-    out = []
+    """Each configuration in runs/, labelled as the report labels it, with its hyper-parameters, who trained it and
+    when, and who is training it now; then each configuration being trained for the first time (a train lease, and
+    no attrs until its first runs are written: a training that fails leaves nothing behind), by its hash."""
+    from .report import Config, differences, label_variants
+
+    configs = []
     for digest, group in store.configurations(root):
         a = group.attrs.asdict()
         done = [run.attrs.asdict() for run in store.runs_of(group, complete=True).values()]
+        configs.append(Config(digest, a, done, group))
+    label_variants(configs)
+    out = []
+    for c in configs:
+        a, done = c.attrs, c.runs
         tests = [r["metrics"]["test"][r["score"]] for r in done]
-        out.append({"config_hash": digest, "reps": "+".join(a.get("reps", [])), "layer_set": a.get("layer_set"),
-                    "label": a.get("label"), "model": a.get("model"), "runs_done": len(done),
-                    "score": done[0]["score"] if done else None,
+        out.append({"config_hash": c.digest, "reps": c.reps, "layer_set": a.get("layer_set"), "variant": c.variant,
+                    "label": a.get("label"), "model": a.get("model"), "differs": differences(a), "hyper": c.hyper,
+                    "runs_done": len(done), "score": done[0]["score"] if done else None,
                     "best_test": max(tests) if tests else None,
                     "mean_test": float(np.mean(tests)) if tests else None,
-                    "being_trained": _holder(busy[f"train/{digest}"]) if f"train/{digest}" in busy else None})
-    return sorted(out, key=lambda t: (t["label"] or "", t["model"] or "", t["reps"], t["layer_set"] or ""))
+                    "authors": c.authors, "author": c.authors[0] if c.authors else "", "trained_at": c.trained_at, "written": True,
+                    "being_trained": _holder(busy[f"train/{c.digest}"]) if f"train/{c.digest}" in busy else None})
+    known = {c.digest for c in configs}
+    for scope, holder in busy.items():
+        digest = scope.removeprefix("train/")
+        if scope.startswith("train/") and digest not in known:
+            out.append({"config_hash": digest, "reps": "", "layer_set": None, "variant": "(configuration not written yet)",
+                        "label": None, "model": None, "differs": {}, "hyper": {}, "runs_done": 0, "score": None,
+                        "best_test": None, "mean_test": None, "authors": [], "author": "", "trained_at": "", "written": False,
+                        "being_trained": _holder(holder)})
+    return sorted(out, key=lambda t: (t["label"] or "", t["model"] or "", t["variant"], t["layer_set"] or ""))
 
 
 def summary(path: str) -> dict:
@@ -143,10 +162,15 @@ def describe(path: str) -> str:
         who = f"by {busy['by']} since {busy['since']}" if busy else f"by {stamp['created_by']} at {stamp['created_at']}"
         lines.append(f"feature  {name:15} v{rep['version']}  {rep['state']:10} {rep['bytes'] / 1e6:8.1f} MB  {who}")
     for t in s["training"]:
+        if not t["written"]:
+            lines.append(f"training {t['config_hash']}  being trained by {t['being_trained']['by']} since "
+                         f"{t['being_trained']['since']} (what it is: in its attrs once its first runs are written)")
+            continue
         best = f"best test {t['score']} {t['best_test']:.3f}, mean {t['mean_test']:.3f}" if t["runs_done"] else "no run done"
         busy = f"  being trained by {t['being_trained']['by']} since {t['being_trained']['since']}" if t["being_trained"] else ""
-        lines.append(f"trained  {t['reps']:15} [{t['layer_set']}] {t['label']} {t['model']}  "
-                     f"{t['runs_done']} runs  {best}  ({t['config_hash']}){busy}")
+        who = f"  by {', '.join(t['authors'])} at {t['trained_at']}" if t["authors"] else ("  by -" if t["runs_done"] else "")
+        lines.append(f"trained  {t['variant']:15} [{t['layer_set']}] {t['label']} {t['model']}  "
+                     f"{t['runs_done']} runs  {best}{who}  ({t['config_hash']}){busy}")
     ratio = f", compression {s['compression_ratio']:.2f}x" if s["compression_ratio"] else ""
     lines.append(f"size     {s['bytes_on_disk'] / 1e6:.0f} MB on disk, {s['bytes_uncompressed'] / 1e6:.0f} MB "
                  f"uncompressed{ratio}")

@@ -1,4 +1,4 @@
-"""Metrics on the device for many runs at once, and the small statistics the report needs.
+"""Metrics on the device for many runs at once (the report's statistics are pipeline/stats.py's).
 
 Classification metrics follow scikit-learn's definitions (tested against it): macro averages run
 over the labels present in y_true or y_pred, and a precision/recall/F1 with a zero denominator is 0.
@@ -6,9 +6,6 @@ over the labels present in y_true or y_pred, and a precision/recall/F1 with a ze
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 
@@ -62,34 +59,3 @@ def regression(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, torch.Te
     return {"r2": r2(y_true, y_pred), "mae": err.abs().mean(1), "rmse": err.pow(2).mean(1).sqrt(),
             "mape": (err.abs() / y.abs().clamp(min=eps)[None]).mean(1)}
 
-
-# --- summaries over runs (the report) ---------------------------------------------------------------
-
-# Two-sided 95% quantiles t_{0.975, df} for df = 1..30 (scipy.stats.t.ppf(0.975, df), 6 decimals); the
-# package does not depend on scipy, and beyond 30 the Cornish-Fisher series below is exact to ~1e-6.
-_T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-    2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-    2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)
-
-
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
-    if df < 1:
-        return math.nan
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959963984540054
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
-def summarize(values) -> dict[str, float]:
-    """mean, sample std (ddof 1) and the half-width of the 95% t confidence interval of the mean."""
-    v = np.asarray(values, dtype=np.float64)
-    n = len(v)
-    if n == 0:
-        return {"mean": math.nan, "std": math.nan, "ci95": math.nan, "n": 0}
-    std = float(v.std(ddof=1)) if n > 1 else math.nan
-    return {"mean": float(v.mean()), "std": std, "ci95": t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan, "n": n}

@@ -285,8 +285,9 @@ def _drop_stopped(runs: _Runs, stop: np.ndarray, state: dict, last: dict, adam: 
 
 
 def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                   seeds: list[int], hp: Hyper, task: str, n_out: int) -> Ensemble:
-    """Train one run per seed, together, on the device of x_train. x: (n, d) float32; y: (n,) codes or floats."""
+                   seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None) -> Ensemble:
+    """Train one run per seed, together, on the device of x_train. x: (n, d) float32; y: (n,) codes or floats.
+    ``on_epoch(epoch, active)``, if given, is called after each epoch with the number of runs still training."""
     started = time.perf_counter()
     device = x_train.device
     init, gens = _init_state(seeds, x_train.shape[1], n_out, hp)
@@ -319,6 +320,8 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
         stop = _early_stopping(runs, scores, epoch, state, best, hp)
         if stop.any():
             _drop_stopped(runs, stop, state, last, adam)
+        if on_epoch is not None:
+            on_epoch(epoch, len(runs.active))
         if len(runs.active) == 0:
             break
     if device.type == "cuda":

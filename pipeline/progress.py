@@ -19,7 +19,14 @@ class LayerProgress:
         self._total_bytes = total_bytes
         self._started = time.perf_counter()
 
+    def note(self, text: str) -> None:
+        """Say where the step is within the current unit (train: the configuration, its runs and epoch)."""
+        self._bar.set_postfix_str(text)
+
     def update(self, layers: int, nbytes: int) -> None:
+        if not nbytes and not self._total_bytes:  # a bar of work without bytes (train's configurations): no MB/s
+            self._bar.update(layers)
+            return
         self._bytes += nbytes
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         total = f"/{self._total_bytes / 1e6:.0f}" if self._total_bytes else ""

@@ -60,6 +60,7 @@ class TrainConfig(Hyper):
     workers: int | None = None  # a LocalCluster of this many worker processes, one configuration per task
     scheduler: str | None = None  # address of an existing dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)
     dashboard: bool = False  # serve the local cluster's dask dashboard (on 127.0.0.1)
+    dry_run: bool = False  # plan the grid and estimate its cost (``plan``); nothing is trained or written
 
     def __post_init__(self):
         finite = math.isfinite  # NaN fails every comparison below, but inf passes "> 0"
@@ -424,15 +425,20 @@ def _write_array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[s
     array[...] = values
 
 
-def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
-               seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
-    """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
-    group = root.require_group(store.run_path(digest))
-    configuration = {
+def configuration_attrs(config: dict, digest: str, setup: Setup, data: Data) -> dict:
+    """The attrs of ``runs/<digest>``: what the configuration is (``config``, hashed) and what it was trained on."""
+    return {
         "config": config, "config_hash": digest, "name": setup.name, "reps": list(setup.reps), "layer_set": setup.layer_set,
         "label": config["label"], "task": data.task, "model": config["model"], "classes": data.classes,
         "feature_width": data.width, "layers": data.layers, "n": {s: int(len(data.index[s])) for s in SPLITS},
     }
+
+
+def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
+               seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
+    """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
+    group = root.require_group(store.run_path(digest))
+    configuration = configuration_attrs(config, digest, setup, data)
     store.update_attrs(group, configuration)
     score_name = "accuracy" if data.task == "classification" else "r2"
     if data.task == "classification":
@@ -506,8 +512,9 @@ class TrainSummary:
         return sum(len(r.skipped) for r in self.results)
 
 def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data, conf: dict, digest: str, todo: list[int],
-                device: str) -> float:
-    """Train runs ``todo`` of one configuration as one ensemble and write them; returns training seconds."""
+                device: str, on_epoch=None) -> float:
+    """Train runs ``todo`` of one configuration as one ensemble and write them; returns training seconds.
+    ``on_epoch(epoch, active, runs)`` after each epoch (pipeline/model.py's hook, with the ensemble's size)."""
     n_out = len(data.classes) if data.task == "classification" else 1
     dtype = torch.int64 if data.task == "classification" else torch.float32
     x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
@@ -517,7 +524,9 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     else:
         y_fit = y
     seeds = [config.seed + r for r in todo]
-    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, config.hyper(), data.task, n_out)
+    hook = (lambda epoch, active: on_epoch(epoch, active, len(todo))) if on_epoch else None
+    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, config.hyper(), data.task, n_out,
+                         on_epoch=hook)
     with torch.no_grad():
         final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
     check_finite(ens, final, last, setup, config.label)
@@ -525,7 +534,8 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     return ens.seconds
 
 
-def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str, cache: dict, on_wait=None) -> ConfigResult:
+def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str, cache: dict, on_wait=None,
+                on_epoch=None) -> ConfigResult:
     """Train the runs of one configuration that are not finished yet (all of them with --force).
 
     The configuration's lease is held while training: a teammate training the same configuration
@@ -544,7 +554,7 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
             todo = with_whole_batches(root, digest, [r for r in range(config.runs) if r not in done])
             done -= set(todo)
             if todo:
-                seconds = _train_runs(root, config, setup, data, conf, digest, todo, device)
+                seconds = _train_runs(root, config, setup, data, conf, digest, todo, device, on_epoch)
         finally:
             lease.release()
     score = "accuracy" if data.task == "classification" else "r2"
@@ -553,9 +563,11 @@ def train_setup(root: zarr.Group, config: TrainConfig, setup: Setup, device: str
                         data.width)
 
 
-def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
+def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> TrainSummary:
     """Run stage 3 over the grid; ``on_result(ConfigResult)`` is called after each configuration and
-    ``on_wait(what, holder)`` when something someone else is computing is waited for."""
+    ``on_wait(what, holder)`` when something someone else is computing is waited for. ``progress``: a
+    pipeline/progress.py factory, one step per configuration, the runs and epoch of the current one noted
+    (in this process; on dask, configurations only)."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     config = replace(config, store=store.writable_target(config.store, config.output), output=None)
@@ -571,17 +583,20 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
     if task == "regression":
         target_scale(targets, config.label)
     summary = TrainSummary()
+    bar = _Bar(progress, len(setups), config)
     try:
         if config.workers or cluster.scheduler_address(config.scheduler):
-            summary.results = _train_on_cluster(config, setups, on_result)
+            summary.results = _train_on_cluster(config, setups, bar.wrap(on_result))
         else:
             root = store.open_root(config.store, mode="r+")
             cache: dict = {}
             for setup in setups:
                 for key in [k for k in cache if k[1] not in setup.reps]:  # keep only the current reps' arrays in memory
                     del cache[key]
-                result = train_setup(root, config, setup, device, cache, on_wait)
+                bar.start(setup)
+                result = train_setup(root, config, setup, device, cache, on_wait, bar.epoch)
                 summary.results.append(result)
+                bar.done(result)
                 if on_result:
                     on_result(result)
     except OSError as exc:  # finished runs are marked one by one: a rerun trains only what is missing
@@ -589,8 +604,57 @@ def train(config: TrainConfig, on_result=None, on_wait=None) -> TrainSummary:
         if full is None:
             raise
         raise full from None
+    finally:
+        bar.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class _Bar:
+    """train's progress: configurations done of the total (tqdm's rate and ETA), runs done of the grid's, and the
+    current configuration's epoch; epoch notes at most every 0.2 s (one step is far shorter than a redraw).
+
+    The bar appears with the first epoch or finished configuration, so that bad input found while loading the
+    first configuration's data stays the one line of its error."""
+
+    def __init__(self, progress, configurations: int, config: TrainConfig):
+        self.progress, self.configurations, self.bar = progress, configurations, None
+        self.total, self.runs_done, self.epochs = configurations * config.runs, 0, config.epochs
+        self.setup, self.shown = None, 0.0
+
+    def _shown(self):
+        if self.bar is None and self.progress is not None:
+            self.bar = self.progress(total_layers=self.configurations, total_bytes=0)
+        return self.bar
+
+    def start(self, setup: Setup) -> None:
+        self.setup = setup
+        if self.bar:
+            self.bar.note(f"{setup.name} · runs {self.runs_done}/{self.total}")
+
+    def epoch(self, epoch: int, active: int, runs: int) -> None:
+        now = time.monotonic()
+        if (now - self.shown > 0.2 or active == 0) and self._shown():
+            self.shown = now
+            self.bar.note(f"{self.setup.name} · runs {self.runs_done}/{self.total}, {active} of {runs} training · "
+                          f"epoch {epoch}/{self.epochs}")
+
+    def done(self, result: ConfigResult) -> None:
+        self.runs_done += len(result.trained) + len(result.skipped)
+        if self._shown():
+            self.bar.note(f"runs {self.runs_done}/{self.total}")
+            self.bar.update(1, 0)
+
+    def wrap(self, on_result):
+        def each(result):
+            self.done(result)
+            if on_result:
+                on_result(result)
+        return each
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
@@ -624,3 +688,99 @@ def _task_result(future, setup: Setup) -> ConfigResult:
         detail = " ".join(str(exc).split()) or "no message"
         raise PipelineError(f"training task {setup.name} failed: {type(exc).__name__}: {detail}; finished runs are kept: "
                             "rerun the same command to resume (report it if it fails again)") from None
+
+
+# --- the dry run: the grid and what it would cost, nothing written ---------------------------------------------
+
+
+@dataclass
+class Planned:
+    """One configuration of the grid as ``--dry-run`` sees it."""
+
+    setup: Setup
+    config_hash: str
+    width: int
+    finished: int
+    todo: int
+    flops: float  # of the runs to train, at the expected epoch count
+    seconds: float | None  # from the stored runs' timings; None without any
+
+
+@dataclass
+class Plan:
+    configurations: list[Planned]
+    n: dict  # rows per split
+    timed_runs: int  # stored runs the estimate is based on
+    seconds_per_gflop: float | None
+
+    @property
+    def todo(self) -> int:
+        return sum(p.todo for p in self.configurations)
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.seconds_per_gflop is None else sum(p.seconds or 0.0 for p in self.configurations)
+
+
+def _parameters(width: int, classes: int, hp: dict, model: str) -> int:
+    """Weights of one run's network (the matmul FLOPs per row are twice this)."""
+    if model == "linear" or hp["depth"] == 0:
+        return width * classes
+    return width * hp["hidden"] + (hp["depth"] - 1) * hp["hidden"] ** 2 + hp["hidden"] * classes
+
+
+def _run_flops(width: int, classes: int, hp: dict, model: str, n: dict, epochs: float) -> float:
+    """About 6 FLOPs per weight per training row (forward and backward) and 2 per validation row, per epoch."""
+    return _parameters(width, classes, hp, model) * (6 * n["train"] + 2 * n["val"]) * epochs
+
+
+def _timings(root: zarr.Group) -> tuple[list[float], list[float]]:
+    """(seconds per GFLOP, share of the epoch budget used) of every finished run stored."""
+    rates, used = [], []
+    for _, group in store.configurations(root):
+        a = group.attrs.asdict()
+        conf = a.get("config") or {}
+        if not {"feature_width", "n", "classes", "task"} <= set(a) or "epochs" not in conf:
+            continue
+        classes = len(a["classes"]) if a["task"] == "classification" else 1
+        for run in store.runs_of(group, complete=True).values():
+            r = run.attrs
+            flops = _run_flops(a["feature_width"], classes, conf, a["model"], a["n"], r["epochs"])
+            if flops > 0 and r.get("seconds"):
+                rates.append(r["seconds"] / (flops / 1e9))
+                used.append(r["epochs"] / conf["epochs"])
+    return rates, used
+
+
+def plan(config: TrainConfig) -> Plan:
+    """What ``train`` would do with this config: each configuration's hash, width, finished runs and runs to train,
+    and its cost (FLOPs from the store's sizes; seconds from the timings of the runs already stored). Reads only."""
+    location = config.output if config.output and store.is_ours(config.output) else config.store
+    root = store.open_root(location, mode="r")
+    check_splits(root, location)
+    config = replace(config, label=resolve_label(root, location, config.label))
+    keep, _, task, classes = load_labels(root, location, config.label)
+    n = {s: int(len(keep[s])) for s in SPLITS}
+    rates, used = _timings(root)
+    rate = float(np.median(rates)) if rates else None
+    expected = config.epochs * (float(np.median(used)) if used else 1.0)
+    hp = asdict(config.hyper())
+    out = []
+    for setup in plan_grid(root, config):
+        layers, width = {}, 0
+        for name in setup.reps:
+            check_fresh(root, location, name)
+            names = axis_names(root, name)
+            index = select(names, setup.layer_set)
+            if len(index) == 0:
+                raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} names of {name!r}")
+            layers[name] = [names[i] for i in index]
+            shape = feature_home(root, name)[f"features/train/{name}"].shape
+            width += len(index) * math.prod(shape[2:])
+        data = Data({}, {}, keep, task, classes, layers)
+        digest = config_hash(config_dict(root, config, setup, data))
+        finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))
+        todo = config.runs - finished
+        flops = todo * _run_flops(width, len(classes) if task == "classification" else 1, hp, config.model, n, expected)
+        out.append(Planned(setup, digest, width, finished, todo, flops, None if rate is None else rate * flops / 1e9))
+    return Plan(out, n, len(rates), rate)

@@ -128,3 +128,25 @@ def test_work_in_progress_is_shown_with_who_and_since(trained_store, tmp_path):
         for lease in held:
             lease.release()
     assert info_json(path)["representations"]["dw_norms"]["state"] == "fresh"
+
+
+def test_a_configuration_being_trained_is_shown_with_who_and_since(trained_store, tmp_path):
+    """One being trained for the first time is shown from its lease (who, since when) by its hash; a trained one
+    names who trained it and when."""
+    from pipeline import leases
+    from pipeline.store import zarr_store
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(trained_store, path)
+    lease = leases.take(zarr_store(path), "train/0123456789abcdef")  # a configuration whose attrs are not written yet
+    try:
+        info = info_json(path)
+        [busy] = [t for t in info["training"] if t["config_hash"] == "0123456789abcdef"]
+        assert busy["being_trained"]["by"] == lease._record()["by"] and busy["runs_done"] == 0
+        text = run_cli("info", "--store", path).output
+        assert f"training 0123456789abcdef  being trained by {busy['being_trained']['by']} since " in text
+    finally:
+        lease.release()
+    [done] = info_json(path)["training"]
+    assert done["author"] and "@" in done["author"] and done["trained_at"].endswith("Z")
+    assert f"by {done['author']} at {done['trained_at']}" in run_cli("info", "--store", path).output

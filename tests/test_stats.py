@@ -59,7 +59,7 @@ def covered(low, high, truth) -> float:
 
 
 def seeds_only_t(correct):
-    """Today's report (metrics.summarize): a t interval over the runs' accuracies."""
+    """The report before pipeline/stats.py (metrics.summarize, removed): a t interval over the runs' accuracies."""
     acc = correct.mean(-1)
     runs = acc.shape[-1]
     half = stats.t_quantile(0.975, runs - 1) * acc.std(-1, ddof=1) / math.sqrt(runs)

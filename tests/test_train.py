@@ -333,7 +333,7 @@ def test_cli_train_and_report(signal_store, tmp_path):
     assert "up to date" in again.output and "0 runs trained, 2 skipped" in again.output
     report = run_cli("report", "--store", signal_store, "--out", tmp_path / "rep")
     assert report.exit_code == 0, report.output
-    assert "simple_stats+dw_norms | visual" in report.output
+    assert "| simple_stats+dw_norms · hidden=16, epochs=5 | 2 |" in report.output and "visual acc [95% CI]" in report.output
     assert (tmp_path / "rep" / "results.csv").is_file()
 
 

@@ -247,7 +247,7 @@ def test_disk_full_during_train_keeps_work_and_resumes(featured_small, tmp_path,
 
 
 def test_disk_full_while_writing_the_report_is_one_line(featured_small, tmp_path, monkeypatch):
-    from pipeline import report
+    from pipeline import figures
 
     store = copy_store(featured_small, tmp_path / "s.zarr")
     assert run_cli("train", "--store", store, "--rep", REP, *FAST).exit_code == 0
@@ -255,7 +255,7 @@ def test_disk_full_while_writing_the_report_is_one_line(featured_small, tmp_path
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report, "_learning_curves", full)
+    monkeypatch.setattr(figures, "curves_figure", full)
     before = file_snapshot(store)
     assert_one_line_error(run_cli("report", "--store", store, "--out", tmp_path / "rep"), "cannot write the report",
                           "No space left")
