@@ -415,7 +415,7 @@ def _duration(seconds: float) -> str:
 
 def _print_plan(config) -> None:
     """train --dry-run: the grid, what each configuration would train, and what it would cost."""
-    from pipeline.train import plan
+    from pipeline.train_plan import plan
 
     p = plan(config)
     n = ", ".join(f"{split} {rows}" for split, rows in p.n.items())

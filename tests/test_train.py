@@ -297,6 +297,10 @@ def test_an_integer_label_is_classified_or_regressed_as_asked(scratch):
     classified = train(TrainConfig(**common, task="classification")).results[0]
     regressed = train(TrainConfig(**common, task="regression")).results[0]
     assert auto.config_hash == classified.config_hash != regressed.config_hash
+    from pipeline.train_plan import plan  # the dry run names the same configurations
+
+    assert [plan(TrainConfig(**common, task=t)).configurations[0].config_hash for t in ("auto", "regression")] == \
+        [auto.config_hash, regressed.config_hash]
     assert (classified.score, regressed.score) == ("accuracy", "r2")
     group = zarr.open_group(str(scratch), mode="r")[f"runs/{classified.config_hash}"]
     assert group.attrs["classes"] == ["1", "10", "100"] and group.attrs["task"] == "classification"

@@ -9,7 +9,8 @@ import shutil
 import zarr
 
 from conftest import file_snapshot, run_cli
-from pipeline.train import TrainConfig, plan, train
+from pipeline.train import TrainConfig, train
+from pipeline.train_plan import plan
 
 FAST = dict(runs=2, hidden=16, epochs=4, patience=2)
 
