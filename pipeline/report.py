@@ -89,14 +89,21 @@ def default_out(path: str) -> Path:
 
 
 def collect(path: str) -> list[Config]:
-    """Every configuration with at least one finished run, labelled, in a stable order."""
+    """Every configuration with at least one finished run, labelled, in a stable order; of a personal store,
+    also those of the store it builds on."""
     root = store.open_root(path, validate=False)  # only runs/ and labels/ are read: damaged root attrs do not stop it
-    configs = []
-    with store.damaged_metadata_is_one_line(path, f"{store.RUNS}/"):
-        for digest, group in store.configurations(root):
-            done = store.runs_of(group, complete=True)
-            if done:
-                configs.append(Config(digest, group.attrs.asdict(), [run.attrs.asdict() for run in done.values()], group))
+    homes = [(path, root)]
+    base = store.base_location(root)
+    if base:  # a personal store: its own runs, and its base's (a configuration trained in both: its own)
+        homes.append((base, store.open_root(base, mode="r", validate=False)))
+    configs, seen = [], set()
+    for location, home in homes:
+        with store.damaged_metadata_is_one_line(location, f"{store.RUNS}/"):
+            for digest, group in store.configurations(home):
+                done = store.runs_of(group, complete=True)
+                if done and digest not in seen:
+                    seen.add(digest)
+                    configs.append(Config(digest, group.attrs.asdict(), [run.attrs.asdict() for run in done.values()], group))
     if not configs:
         raise PipelineError(f"store {path} has no finished runs; run {quoted('train', path)} first")
     label_variants(configs)

@@ -3,6 +3,8 @@ features and train say so in one line, and write to a store of their own with --
 
 from __future__ import annotations
 
+import csv
+
 import os
 import shutil
 import stat
@@ -85,6 +87,12 @@ def test_output_store_builds_on_the_shared_one(shared, trained_small, tmp_path):
     again = run_cli("train", "--store", mine, "--rep", "dw_norms+simple_stats", *TRAIN[:-1])
     assert again.exit_code == 0 and "up to date" in again.output
     assert run_cli("report", "--store", mine, "--out", tmp_path / "mine-report").exit_code == 0
+    # its report shows its own configuration and the shared store's, as load_runs does
+    with open(tmp_path / "mine-report" / "results.csv", newline="") as f:
+        reported = {row["config_hash"] for row in csv.DictReader(f)}
+    ours = set(zarr.open_group(str(mine), mode="r")["runs"].group_keys())
+    theirs = set(zarr.open_group(str(shared), mode="r")["runs"].group_keys())
+    assert reported == ours | theirs and len(ours) == len(theirs) == 1 and ours != theirs
     info = run_cli("info", "--store", mine)
     assert f"base     {shared}" in info.output
     # the same --personal-store again: it builds on the same data, and is up to date
