@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 
 import pytest
 
@@ -56,7 +57,7 @@ def s3(tmp_path_factory):
         os.environ.setdefault(key, value)  # the server accepts any; a real bucket's come from the environment
     import s3fs
 
-    bucket = f"pipeline-test-{os.getpid()}"
+    bucket = f"pipeline-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # one per module using the fixture: the server may be shared
     s3fs.S3FileSystem(use_listings_cache=False).mkdir(bucket)
     try:
         yield bucket
