@@ -225,13 +225,13 @@ def load_labels(root: zarr.Group, path: str, label: str | None, task: str = "aut
     raw = {split: store.read_array(root, store.label_path(root, split, label)) for split in SPLITS}
     classes = []
     if task == "regression":
+        raw = {split: values.astype(np.float64) for split, values in raw.items()}  # an integer label too
         for split, values in raw.items():  # NaN is a missing label; an infinite one is no target to learn
-            values = values.astype(np.float64)
             if np.isinf(values).any():
                 raise PipelineError(f"label {label!r} has {int(np.isinf(values).sum())} infinite value(s) in split {split!r}; "
                                     "fix them (or make them missing) in the source and rematerialize, or choose another --label")
-        keep = {s: np.flatnonzero(np.isfinite(v.astype(np.float64))) for s, v in raw.items()}
-        y = {s: raw[s][keep[s]].astype(np.float64) for s in SPLITS}
+        keep = {s: np.flatnonzero(np.isfinite(v)) for s, v in raw.items()}
+        y = {s: raw[s][keep[s]] for s in SPLITS}
     elif kind == "categorical":
         classes = list(known[label]["classes"])
         keep = {s: np.flatnonzero(v >= 0) for s, v in raw.items()}
