@@ -256,13 +256,14 @@ class Scored:
         return self.accuracy.estimate if self.accuracy else float(np.mean(self.config.values("test", "r2")))
 
 
-def _encode(root: zarr.Group, split: str, label: str, classes: list[str]) -> np.ndarray | None:
-    """The stored labels of ``split`` as the trainer coded them (-1: no label), or None when the store cannot say."""
+def _encode(root: zarr.Group, split: str, label: str, classes: list[str], task: str = "classification") -> np.ndarray | None:
+    """The stored labels of ``split`` as the trainer coded them (-1: no label; regression: the values, an integer
+    label's too), or None when the store cannot say."""
     info = (root.attrs.get("labels") or {}).get(label)
     if info is None:
         return None
     values = store.read_array(root, store.label_path(root, split, label))
-    if info["kind"] == "float":
+    if info["kind"] == "float" or task == "regression":
         return values.astype(np.float64)
     if info["kind"] == "categorical":
         return values.astype(np.int64)
@@ -273,14 +274,14 @@ def _encode(root: zarr.Group, split: str, label: str, classes: list[str]) -> np.
 
 def score(root: zarr.Group, config: Config, labels: dict) -> Scored:
     """Read the test predictions of every run and compute the configuration's statistics. ``labels``: a cache
-    of ``_encode`` per (split, label)."""
+    of ``_encode`` per (split, label, task)."""
     a = config.attrs
     runs = [config.group[store.run_key(r["run"])] for r in config.runs]
     index = store.read_array(runs[0], "test_index")
     predictions = np.stack([store.read_array(g, "test_pred") for g in runs])
-    key = ("test", a["label"])
+    key = ("test", a["label"], a["task"])
     if key not in labels:
-        labels[key] = _encode(root, "test", a["label"], a.get("classes", []))
+        labels[key] = _encode(root, "test", a["label"], a.get("classes", []), a["task"])
     coded = labels[key]
     truth = coded[index] if coded is not None and len(coded) > int(index.max(initial=-1)) else store.read_array(runs[0], "test_true")
     scored = Scored(config, truth, predictions, [int(r["seed"]) for r in config.runs])
@@ -323,8 +324,8 @@ def analyse(root: zarr.Group, configs: list[Config]) -> list[LabelResults]:
     """Statistics of every configuration, then per label the comparisons with the best, retention and the baseline."""
     cache: dict = {}
     out = []
-    for label in dict.fromkeys(c.attrs["label"] for c in configs):
-        group = [score(root, c, cache) for c in configs if c.attrs["label"] == label]
+    for label, task in dict.fromkeys((c.attrs["label"], c.attrs["task"]) for c in configs):  # a label may be both
+        group = [score(root, c, cache) for c in configs if (c.attrs["label"], c.attrs["task"]) == (label, task)]
         first = group[0].config.attrs
         results = LabelResults(label, first["task"], list(first.get("classes", [])), group)
         if results.task == "classification":

@@ -310,6 +310,15 @@ def test_an_integer_label_is_classified_or_regressed_as_asked(scratch):
     true, pred = ds["test_true"].values, ds["test_pred"].values
     assert sorted(np.unique(true)) == [1, 10, 100]  # the counts themselves, not class codes
     assert np.mean(np.abs(pred - true) / np.abs(true)) == pytest.approx(attrs["metrics"]["test"]["mape"], rel=1e-5)
+    # The report scores each against the labels as its trainer coded them: counts for the regression, classes else
+    from pipeline.report import write_report
+
+    rows = {r["config_hash"]: r for r in write_report(str(scratch), scratch.parent / "report").rows}
+    runs = run_attrs(scratch, regressed.config_hash).values()
+    assert rows[regressed.config_hash]["task"] == "regression"
+    assert rows[regressed.config_hash]["test_mae_mean"] == pytest.approx(np.mean([r["metrics"]["test"]["mae"] for r in runs]))
+    assert rows[classified.config_hash]["test_mean"] == pytest.approx(
+        np.mean([r["metrics"]["test"]["accuracy"] for r in run_attrs(scratch, classified.config_hash).values()]))
     with pytest.raises(PipelineError, match="--task regression needs a numeric label, but 'category_label' is categorical"):
         train(TrainConfig(**{**common, "label": "category_label"}, task="regression"))
     with pytest.raises(PipelineError, match="unknown --task 'ordinal'"):
