@@ -400,6 +400,19 @@ def _split_names(split: str) -> list[str]:
     return [folder for folder, s in SPLIT_FOLDERS.items() if s == split]
 
 
+def _by_path_suffix(key: str, index: dict[str, list[int]], adapters: list[Adapter]) -> list[int]:
+    """The adapters a longer path (absolute, or from elsewhere) names: the longest tail of it that is an adapter's key.
+    A tail of the file name alone fits only an adapter with no folder of its own below the split folder: where the
+    path's folders and the adapter's disagree (``dog/cat0`` for ``cat/cat0``), it names no adapter."""
+    parts = key.split("/")
+    for start in range(1, len(parts)):
+        tail = "/".join(parts[start:])
+        hits = [h for h in index.get(tail, []) if "/" in tail or adapters[h].id == adapters[h].name]
+        if hits:
+            return hits
+    return []
+
+
 def match_labels(table: LabelFile, adapters: list[Adapter], with_split: bool, where: Path) -> list[list]:
     """Each adapter's row of ``table`` (values in column order); refuses missing, unknown and ambiguous keys."""
     index: dict[str, list[int]] = {}
@@ -409,7 +422,7 @@ def match_labels(table: LabelFile, adapters: list[Adapter], with_split: bool, wh
     row_of: dict[int, str] = {}
     unknown = []
     for key in table.rows:
-        hits = sorted(set(index.get(key) or index.get(key.rsplit("/", 1)[-1], [])))  # an absolute path: its name
+        hits = sorted(set(index.get(key) or _by_path_suffix(key, index, adapters)))
         if not hits:
             unknown.append(key)
             continue

@@ -80,6 +80,23 @@ def test_kohya_files_in_label_folders(tmp_path):
     np.testing.assert_array_equal(_stored_A(store, "attn1_to_q"), np.stack([factors(i)[Q1][0] for i in (0, 2, 1, 3)]))
 
 
+def test_a_labels_path_names_an_adapter_only_where_its_folders_agree(tmp_path):
+    """A path written from elsewhere (absolute, or below another folder) finds the adapter whose own path ends it;
+    one whose folders disagree (``dog/k0`` for ``cat/k0``) names no adapter: refused, never the other one."""
+    root = tmp_path / "kohya"
+    for i, label in enumerate(["cat", "dog"]):
+        save(root / label / f"k{i}.safetensors", tensors_of("kohya", factors(i)))
+    (root / "labels.csv").write_text(f"file,score\n{root}/cat/k0.safetensors,1\n/elsewhere/dog/k1.safetensors,2\n")
+    store = tmp_path / "s.zarr"
+    materialize_to(store, root)
+    assert _ids(store) == ["cat/k0.safetensors", "dog/k1.safetensors"]
+    np.testing.assert_array_equal(open_store(store)["labels/train/score"][...], [1, 2])
+    (root / "labels.csv").write_text("file,score\ndog/k0.safetensors,1\ndog/k1.safetensors,2\n")
+    result = run_cli("materialize", "--source", root, "--store", tmp_path / "t.zarr", "--quiet")
+    assert_one_line_error(result, "no row in labels.csv", "cat/k0.safetensors")  # its row named another folder
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_folder_labels_and_a_labels_file_together(tmp_path):
     root = tmp_path / "loras"
     for i, label in enumerate(["cat", "dog", "cat"]):
