@@ -406,9 +406,9 @@ def _source_fingerprint(found: adapters.Found, label_paths: list[Path], split_co
         payload["csv"] = digest(label_paths[0].read_bytes(), length=64)
     elif label_paths:
         payload["label_files"] = [(str(p.relative_to(found.root)), digest(p.read_bytes(), length=64)) for p in label_paths]
-    configs = sorted({a.config for a in found.adapters if a.config is not None})
-    if configs:
-        payload["configs"] = [(str(c), digest(c.read_bytes(), length=64)) for c in configs]
+    configs = sorted((a.split, a.id, a.config) for a in found.adapters if a.config is not None)
+    if configs:  # by adapter, not by the config's path: that depends on how the source folder was typed
+        payload["configs"] = [(split, id_, digest(c.read_bytes(), length=64)) for split, id_, c in configs]
     if split_column:
         payload["split_column"] = split_column
     return _digest(payload)

@@ -326,3 +326,14 @@ def test_flat_folder_fingerprint_is_what_it_was(tmp_path):
 def test_keys_helper_matches_the_real_kohya_names():
     assert keys("kohya", MODULES[0])[0] == "lora_unet_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k_lora_down.weight"
     assert safe_key("a b") == "a_b"
+
+
+def test_a_peft_source_has_one_fingerprint_however_its_path_is_typed(tmp_path, monkeypatch):
+    """The store records the source as an absolute path: `materialize --store S` alone must find the same
+    fingerprint a relative --source gave (the peft configs were once fingerprinted by the path as typed)."""
+    root = tmp_path / "pv"
+    for i in range(2):
+        peft_folder(root / f"a{i}", factors(i), r=4, lora_alpha=8)
+    (root / "labels.csv").write_text("file,y\na0,0\na1,1\n")
+    monkeypatch.chdir(tmp_path)
+    assert open_source("pv").fingerprint == open_source(str(root)).fingerprint
