@@ -142,7 +142,9 @@ def run_task(task: Task) -> tuple[int, int]:
         group = raw[f"raw/{task.split}/{module.key}"]
         a = read_raw(group, "A", task.start, task.stop)
         b = read_raw(group, "B", task.start, task.stop)
-        if task.raw_may_be_nonfinite:
+        # Each group's mark says whether it was written with --allow-nonfinite (a resume may add it); before marks
+        # said so, the root's materialize options did.
+        if group.attrs.get("allow_nonfinite", task.raw_may_be_nonfinite):
             _check_raw_finite(task, module.key, a, b)
         nbytes += a.nbytes + b.nbytes
         rank = store.read_array(group, "rank", task.start, task.stop) if module.rank_varies else np.full(n, module.rank)

@@ -603,7 +603,8 @@ def _copy_files(root, p: Plan, todo: list[tuple[SplitPlan, ModulePlan]], source:
         # the progress goes before the marks: a stale one could later skip rows of a module that verify --repair reopened
         store.update_attrs(root[f"raw/{split.name}"], {_PROGRESS: None})
         for mp in mps:
-            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=len(split.rows) * mp.row_bytes())
+            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=len(split.rows) * mp.row_bytes(),
+                                allow_nonfinite=config.allow_nonfinite)
     return written
 
 
@@ -669,7 +670,8 @@ def _materialize(config: MaterializeConfig, source: Source, p: Plan, progress, s
         for split, mp in todo if source.files is None else []:
             chunk = min(p.chunk_models, max(len(split.rows), 1))
             nbytes = _copy_module(root, split, mp, source, config, chunk, writer)
-            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=nbytes)
+            store.mark_complete(root, f"raw/{split.name}/{mp.module.key}", bytes=nbytes,
+                                allow_nonfinite=config.allow_nonfinite)
             written += nbytes
             if bar:
                 bar.update(layers=2, nbytes=nbytes)

@@ -275,6 +275,18 @@ def test_nonfinite_raw_weights_are_named_in_one_line(tmp_path, capfd, workers):
     assert "Compute Failed" not in capfd.readouterr().err
 
 
+def test_nonfinite_raw_weights_kept_by_a_resume_are_named_in_one_line(tmp_path):
+    """materialize refuses the NaN and says to rerun with --allow-nonfinite (finished layers kept); the rerun
+    resumes without rewriting the root's options, so each raw group's mark must say how it was written."""
+    store, source = tmp_path / "nan.zarr", nonfinite_dataset(tmp_path / "ds")
+    first = run_cli("materialize", "--source", source, "--store", store, "--quiet")
+    assert_one_line_error(first, "--allow-nonfinite")
+    resumed = run_cli("materialize", "--store", store, "--allow-nonfinite", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    result = run_cli("features", "--store", store, "--rep", REP, "--quiet")
+    assert_one_line_error(result, "raw weights of split", "--allow-nonfinite")
+
+
 def test_other_task_errors_are_one_line_naming_the_task(small_store, tmp_path, monkeypatch, capfd):
     store = copy_store(small_store, tmp_path / "s.zarr")
 
