@@ -758,15 +758,20 @@ def _damaged(array: zarr.Array, key: str, what: str) -> PipelineError:
 def check_chunks(array: zarr.Array, start: int | None = None, stop: int | None = None, group: zarr.Group | None = None) -> None:
     """Refuse to read a complete array (one with a manifest, in its attrs or its ``group``'s mark) one of
     whose chunks covering models [start, stop) is absent: zarr would return fill values for it. One
-    existence check per chunk."""
+    existence check per chunk, all at once (one round trip on object storage, not one per chunk)."""
     manifest = manifest_of(array, group)
     if manifest is None:
         return  # unfinished (a reader does not use it) or written before manifests: verify checks those
     if manifest.get("count") != int(np.prod(array.cdata_shape)):
         raise _damaged(array, array.path, f"not the array that was marked complete ({manifest.get('count')} chunks "
                                           f"recorded, {int(np.prod(array.cdata_shape))} now)")
-    for key in _covering(array, start, stop):
-        if not sync(array.store.exists(key)):
+    keys = list(_covering(array, start, stop))
+
+    async def exist():
+        return await asyncio.gather(*(array.store.exists(key) for key in keys))
+
+    for key, present in zip(keys, sync(exist())):
+        if not present:
             raise _damaged(array, key, "missing (a chunk file was deleted or lost)")
 
 
