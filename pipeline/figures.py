@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import store
+from . import stats, store
 from .errors import PipelineError
 
 COLUMN, PAGE = 3.4, 7.0  # inches: one column and the text width of a two-column paper
@@ -52,7 +52,7 @@ def bar_data(results) -> list[dict]:
                 interval = s.accuracy
                 out.append({"variant": name, "layer_set": ls, "config_hash": s.config.digest, "estimate": s.estimate,
                             "low": interval.low if interval else math.nan, "high": interval.high if interval else math.nan,
-                            "few_runs": len(s.config.runs) < 3})
+                            "few_runs": len(s.config.runs) < stats.FEW_RUNS})
     return out
 
 

@@ -440,7 +440,7 @@ def variants(results: LabelResults) -> list[tuple[str, dict[str, Scored]]]:
     return sorted(rows.items(), key=key)
 
 
-_FEW = "† fewer than 3 runs: the interval's seed variance rests on 1 degree of freedom (or none): approximate."
+_FEW = f"† fewer than {stats.FEW_RUNS} runs: the interval's seed variance rests on {stats.FEW_RUNS - 2} degree of freedom (or none): approximate."
 
 
 def paper_tables(results: LabelResults) -> list[tables.Table]:

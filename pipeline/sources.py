@@ -278,7 +278,7 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
 
     endpoint = urlparse(datasets.config.HF_ENDPOINT)
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)), timeout=timeout).close()
         return None
     except OSError as exc:
         return f"cannot reach {endpoint.hostname} ({exc.strerror or exc})"
