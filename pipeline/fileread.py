@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from . import adapters
-from .errors import PipelineError
+from .errors import PipelineError, not_storable
 from .layers import Module, pair_modules, parse_lora_column
 
 @dataclass(frozen=True)
@@ -220,10 +220,4 @@ def _nonfinite(m: Module, a: np.ndarray, b: np.ndarray, stored, where: str) -> P
     with np.errstate(over="ignore"):
         column = m.down if not np.isfinite(a.astype(stored)).all() else m.up
     source = a if column == m.down else b
-    if np.isfinite(source).all():
-        limit = np.finfo(stored).max
-        return PipelineError(f"layer {column!r} has a value out of {np.dtype(stored)} range (|x| > {limit:g}) in {where}; "
-                             "rescale or fix the data, or rerun with --allow-nonfinite to store it as Inf "
-                             "(finished layers are kept)")
-    return PipelineError(f"layer {column!r} has NaN or Inf in {where}; fix the data or rerun with "
-                         "--allow-nonfinite (finished layers are kept)")
+    return not_storable(column, where, stored, bool(np.isfinite(source).all()))

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import arrowio, fileread, leases, provenance, store
-from .errors import PipelineError, disk_full
+from .errors import PipelineError, disk_full, not_storable
 from .layers import Module, pair_modules, safe_key, select_modules
 from .sources import Source, open_source
 from .splits import SplitPlan, check_split_options, datasets_sizes, plan_splits, shares_of_all, split_warnings
@@ -412,17 +412,8 @@ def _check_finite(values: np.ndarray, column: str, source_rows: np.ndarray, sour
     if finite.all():
         return
     i = int(np.flatnonzero(~finite)[0])
-    row = int(source_rows[i])
-    if source_row is not None and np.isfinite(source_row(i)).all():
-        limit = np.finfo(values.dtype).max
-        raise PipelineError(
-            f"layer {column!r} has a value out of {values.dtype} range (|x| > {limit:g}) in source row {row}; "
-            "rescale or fix the data, or rerun with --allow-nonfinite to store it as Inf (finished layers are kept)"
-        )
-    raise PipelineError(
-        f"layer {column!r} has NaN or Inf in source row {row}; fix the data or rerun with --allow-nonfinite "
-        "(finished layers are kept)"
-    )
+    raise not_storable(column, f"source row {int(source_rows[i])}", values.dtype,
+                       source_row is not None and bool(np.isfinite(source_row(i)).all()))
 
 
 def _as_in_source(column: pa.ChunkedArray, spec: arrowio.MatrixColumn, ranks: np.ndarray, rows: np.ndarray):
