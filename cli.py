@@ -16,6 +16,7 @@ import click
 from pipeline._version import __version__
 from pipeline.commands import quoted
 from pipeline.errors import PipelineError
+from pipeline import models
 from pipeline.hyper import Hyper
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -366,8 +367,8 @@ def features(store, list_reps, **options):
              "(default: category_label, else the store's only classification label).")
 @option("--runs", type=int, config=TRAIN, help="Runs per configuration (seeds seed..seed+runs-1).")
 @option("--seed", type=int, config=TRAIN, help="Seed of the first run; run r uses seed + r.")
-@option("--model", type=click.Choice(["mlp", "linear"]), config=TRAIN,
-        help="mlp, or linear (no hidden layer: --depth, --hidden and --dropout do not apply).")
+@option("--model", type=click.Choice(models.names()), config=TRAIN,
+        help="; ".join(f"{m.name}: {m.summary}" for m in models.REGISTRY.values()) + ".")
 @option("--task", type=click.Choice(["auto", "classification", "regression"]), config=TRAIN,
         help="auto: a float label is regressed, any other classified; regression also regresses an integer label "
              "(R², MAE, RMSE, MAPE), classification also treats its values as classes.")

@@ -92,14 +92,21 @@ def plan(config: TrainConfig) -> Plan:
     for setup in plan_grid(root, config):
         layers, width = {}, 0
         for name in setup.reps:
-            check_fresh(root, location, name)
+            if name == models.RAW:
+                rawdata.check(root, location, SPLITS)
+            else:
+                check_fresh(root, location, name)
             names = axis_names(root, name)
             index = select(names, setup.layer_set)
             if len(index) == 0:
                 raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} names of {name!r}")
             layers[name] = [names[i] for i in index]
-            shape = feature_home(root, name)[f"features/train/{name}"].shape
-            width += len(index) * math.prod(shape[2:])
+            if name == models.RAW:  # the numbers of A and B of each module
+                modules = root.attrs["modules"]
+                width += sum(modules[i]["rank"] * (modules[i]["in"] + modules[i]["out"]) for i in index)
+            else:
+                shape = feature_home(root, name)[f"features/train/{name}"].shape
+                width += len(index) * math.prod(shape[2:])
         data = Data({}, {}, keep, task, classes, layers)
         digest = config_hash(config_dict(root, config, setup, data))
         finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))
