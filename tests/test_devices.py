@@ -29,6 +29,10 @@ from pipeline.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "SKIPPED, NOT RUN: needs a CUDA GPU and torch.cuda.is_available() is False here; run `pytest -m cuda` on a GPU machine"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+# These fake a GPU in one process of a CPU machine; where CUDA is real the fake would be the truth, and the tests
+# marked cuda check the real thing instead.
+fakes_a_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="SKIPPED, NOT RUN: fakes CUDA on a CPU machine; this "
+                                 "machine has CUDA (the tests marked cuda run instead)")
 EIGHT = tuple(str(i) for i in range(8))
 
 
@@ -156,6 +160,7 @@ def _run_devices(store: str) -> set[str]:
 
 
 @pytest.mark.slow
+@fakes_a_gpu
 def test_auto_is_resolved_on_the_worker_not_on_the_client(remote, trained_small, tmp_path, monkeypatch):
     """A client that sees a GPU (the fake) and CPU workers (real): every task computes on the worker's cpu."""
     address, _ = remote
@@ -169,6 +174,7 @@ def test_auto_is_resolved_on_the_worker_not_on_the_client(remote, trained_small,
 
 
 @pytest.mark.slow
+@fakes_a_gpu
 def test_auto_on_a_cpu_client_means_cuda_on_a_gpu_worker(remote, trained_small, tmp_path):
     """The login-node case: a CPU client (real), workers that see a GPU (the fake). The tasks go for CUDA, which
     this CPU build of torch then cannot give them: the error is the proof that the worker chose cuda."""
