@@ -160,8 +160,8 @@ def compare_features(cpu_path: Path, cuda_path: Path) -> dict:
     return out
 
 
-def histogram_counts_agree(root: zarr.Group, split: str, rows: int = HISTOGRAM_ROWS) -> dict:
-    """The 50-bin counts info_theoretic takes of each raw tensor, on CPU and on CUDA, for the raw A and B of every
+def histogram_counts_agree(root: zarr.Group, split: str, rows: int = HISTOGRAM_ROWS, device: str = "cuda") -> dict:
+    """The 50-bin counts info_theoretic takes of each raw tensor, on CPU and on ``device``, for the raw A and B of every
     module (the first ``rows`` adapters of ``split``): rows compared, rows whose counts differ in any bin."""
     n = min(rows, root.attrs["splits"][split]["n"])
     compared = mismatched = 0
@@ -170,7 +170,7 @@ def histogram_counts_agree(root: zarr.Group, split: str, rows: int = HISTOGRAM_R
         for role in ("A", "B"):
             flat = torch.from_numpy(store_mod.read_array(group, role, 0, n)).to(torch.float32).flatten(1)
             on_cpu = representations._histogram_counts(flat)
-            on_cuda = representations._histogram_counts(flat.cuda()).cpu()
+            on_cuda = representations._histogram_counts(flat.to(device)).cpu()
             compared += len(flat)
             mismatched += int((on_cpu != on_cuda).any(1).sum())
     return {"rows": compared, "mismatched_rows": mismatched, "equal": mismatched == 0}
@@ -392,13 +392,19 @@ def train_agreement_section(ctx: Context, deadline: float) -> dict:
         out["cpu_minus_cuda"] = {"difference": c.difference, "low": c.low, "high": c.high, "level": c.level,
                                  "agree": bool(c.low <= 0 <= c.high)}
     if "cuda" in fits and "cuda_again" in fits:
-        (a, pa), (b, pb) = fits["cuda"], fits["cuda_again"]
-        weights = max(float((a.best[k].double() - b.best[k].double()).abs().max()) for k in a.best)
-        curves = max(float(np.abs(np.concatenate(a.curves[k]) - np.concatenate(b.curves[k])).max())
-                     if all(len(u) == len(v) for u, v in zip(a.curves[k], b.curves[k])) else math.inf for k in a.curves)
-        out["cuda_repeat"] = {"identical_predictions": bool(np.array_equal(pa, pb)), "max_best_weight_difference": weights,
-                              "max_curve_difference": curves, "identical": bool(np.array_equal(pa, pb) and weights == 0 and curves == 0)}
+        out["cuda_repeat"] = repeatability(fits["cuda"], fits["cuda_again"])
     return out
+
+
+def repeatability(first: tuple, second: tuple) -> dict:
+    """Two (Ensemble, test predictions) of the same seeds: are they the same run? Largest differences if not."""
+    (a, pa), (b, pb) = first, second
+    weights = max(float((a.best[k].double() - b.best[k].double()).abs().max()) for k in a.best)
+    curves = max(float(np.abs(np.concatenate(a.curves[k]) - np.concatenate(b.curves[k])).max())
+                 if all(len(u) == len(v) for u, v in zip(a.curves[k], b.curves[k])) else math.inf for k in a.curves)
+    same = bool(np.array_equal(pa, pb))
+    return {"identical_predictions": same, "max_best_weight_difference": weights, "max_curve_difference": curves,
+            "identical": same and weights == 0 and curves == 0}
 
 
 # --- (d) the full ablation ------------------------------------------------------------------------------------

@@ -30,6 +30,34 @@ def test_relative_differences_are_per_column_over_the_spread():
         gpu.relative_differences(cpu, cuda[:, :2])
 
 
+def test_the_cuda_comparisons_run_on_two_cpu_results(trained_small, tmp_path):
+    """What (a) and (c) do with CUDA results, given CPU ones on both sides (CUDA is absent here): all equal."""
+    import shutil
+
+    import zarr
+
+    from conftest import SMALL_TRAIN
+    from pipeline import store as store_mod
+    from pipeline.train import Setup, TrainConfig, load_data
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(trained_small, other)
+    reps = gpu.compare_features(trained_small, other)
+    assert reps["dw_norms"] == {"worst": 0.0, "worst_column": None, "columns": reps["dw_norms"]["columns"],
+                                "columns_over": 0, "ok": True} and reps["dw_norms"]["columns"] > 0
+    assert reps["simple_stats"] == {"compared": False, "why": "not complete in both stores (train)"}  # not computed
+    counts = gpu.histogram_counts_agree(zarr.open_group(str(trained_small), mode="r"), "train", rows=8, device="cpu")
+    assert counts["equal"] and counts["rows"] == 8 * 2 * 4  # 8 adapters x (A, B) x 4 modules
+
+    data = load_data(store_mod.open_root(str(trained_small)), str(trained_small), Setup(("dw_norms",), "all"), None)
+    hp = TrainConfig(**SMALL_TRAIN).hyper()
+    fits = [gpu._fit(data, [1, 2], hp, "cpu", deadline=float("inf")) for _ in range(2)]
+    assert gpu.repeatability(*fits) == {"identical_predictions": True, "max_best_weight_difference": 0.0,
+                                        "max_curve_difference": 0.0, "identical": True}
+    with pytest.raises(gpu.OutOfTime):
+        gpu._fit(data, [1, 2], hp, "cpu", deadline=0.0)
+
+
 def test_a_budget_too_small_for_anything_skips_every_section_and_says_so(tmp_path):
     result = gpu.run(gpu.parse_args(["--smoke", "--budget", "0.5", "--work", str(tmp_path / "work")]))
     assert all(result["sections"][name]["status"] == "skipped" for name in SECTIONS)
