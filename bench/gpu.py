@@ -508,8 +508,11 @@ SECTIONS = (("features", features_section), ("train_steps", train_steps_section)
             ("train_agreement", train_agreement_section), ("ablation", ablation_section))
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Every section in its time box; returns what is written to --out."""
+def run(args: argparse.Namespace, out: Path | None = None) -> dict:
+    """Every section in its time box; returns what is written to --out. ``out``: also written after each section
+    ("complete": false until the end), so that a run stopped from outside keeps the sections it finished.
+
+    A section that raises is recorded as failed (its exception in one line) and the next one runs."""
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     sizes = SMOKE if args.smoke else FULL
@@ -530,14 +533,27 @@ def run(args: argparse.Namespace) -> dict:
                 result["sections"][name] = {"status": "skipped", "notes": [], "skipped": ["everything: no time left in the budget"]}
             else:
                 print(f"[{time.perf_counter() - started:6.1f} s] {name} ...", flush=True)
-                result["sections"][name] = section(ctx, deadline)
+                try:
+                    result["sections"][name] = section(ctx, deadline)
+                except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the others' figures
+                    detail = " ".join(str(exc).split())[:500]
+                    result["sections"][name] = {"status": "failed", "notes": [], "error": f"{type(exc).__name__}: {detail}",
+                                                "skipped": [f"the rest of the section: it raised {type(exc).__name__}"]}
             result["skipped"] += [f"{name}: {what}" for what in result["sections"][name]["skipped"]]
+            if out is not None:
+                _write(out, {**result, "complete": False, "seconds": time.perf_counter() - started})
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = time.perf_counter() - started
     result["targets"] = targets(result["sections"])
+    result["complete"] = True
     return _jsonable(result)
+
+
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
 
 
 def targets(sections: dict) -> dict:
@@ -581,10 +597,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result = run(args, out)
+    _write(out, result)
     for note in result["skipped"]:
         print(f"  skipped: {note}")
     print(f"wrote {out} in {result['seconds']:.1f} s")

@@ -65,6 +65,23 @@ def test_a_budget_too_small_for_anything_skips_every_section_and_says_so(tmp_pat
     assert not (tmp_path / "work").exists()  # removed without --keep
 
 
+def test_a_section_that_raises_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch):
+    def boom(ctx, deadline):
+        raise RuntimeError("no\n GPU")
+
+    def fine(ctx, deadline):
+        return {"status": "done", "notes": [], "skipped": []}
+
+    monkeypatch.setattr(gpu, "SECTIONS", (("features", boom), *((name, fine) for name in SECTIONS[1:])))
+    out = tmp_path / "gpu.json"
+    result = gpu.run(gpu.parse_args(["--smoke", "--work", str(tmp_path / "work")]), out)
+    assert result["sections"]["features"] == {"status": "failed", "notes": [], "error": "RuntimeError: no GPU",
+                                              "skipped": ["the rest of the section: it raised RuntimeError"]}
+    assert [result["sections"][name]["status"] for name in SECTIONS[1:]] == ["done"] * 3
+    written = json.loads(out.read_text())  # after each section, so that a run killed from outside keeps its figures
+    assert written["complete"] is False and list(written["sections"]) == list(SECTIONS)
+
+
 def test_the_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out), "--work",
@@ -72,7 +89,7 @@ def test_the_smoke_run_writes_every_section(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     sections = result["sections"]
-    assert result["smoke"] is True and [name for name in SECTIONS if sections[name]["status"] == "done"] == list(SECTIONS)
+    assert result["complete"] is True and result["smoke"] is True and [name for name in SECTIONS if sections[name]["status"] == "done"] == list(SECTIONS)
     features = sections["features"]
     assert features["cpu"]["stage_seconds"] > 0 and features["raw_bytes"] > 0 and "cuda" not in features
     steps = sections["train_steps"]["results"]
