@@ -324,7 +324,7 @@ def _say_waiting(what: str, holder) -> None:
 @option("--rep", "reps", config=FEATURES, help="Representations: all, or a comma-separated list (see --list).")
 @option("--split", "splits", config=FEATURES, help="Splits: all, or a comma-separated list.")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=FEATURES,
-        help="Where to compute: auto is cuda when there is a GPU.")
+        help="Where to compute: auto is cuda when the worker running a task has a GPU (each worker decides).")
 @option("--workers", type=int, config=FEATURES,
         help="Run on a local dask cluster of N worker processes (0: in this process).")
 @option("--scheduler", config=FEATURES, help=scheduler_help)
@@ -373,7 +373,7 @@ def features(store, list_reps, **options):
         help="auto: a float label is regressed, any other classified; regression also regresses an integer label "
              "(R², MAE, RMSE, MAPE), classification also treats its values as classes.")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=TRAIN,
-        help="Where to train: auto is cuda when there is a GPU.")
+        help="Where to train: auto is cuda when the worker running a configuration has a GPU (each worker decides).")
 @hyper_options
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
 @personal_store_option(TRAIN, "runs")

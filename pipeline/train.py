@@ -24,7 +24,6 @@ import zarr
 from . import cluster, leases, metrics, models, provenance, rawdata, representations, store
 from .commands import quoted
 from .errors import PipelineError, disk_full
-from .features import resolve_device
 from .hyper import Hyper
 from .models import Fitted
 
@@ -79,6 +78,7 @@ class TrainConfig(Hyper):
         if self.task not in TASKS:
             raise PipelineError(f"unknown --task {self.task!r}; use {', '.join(TASKS)}")
         cluster.check_workers(self.workers)
+        cluster.check_device(self.device)
 
     def hyper(self) -> Hyper:
         """What the model trains with: this config's hyper-parameters, with those its model fixes set
@@ -599,7 +599,11 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
     pipeline/progress.py factory, one step per configuration, the runs and epoch of the current one noted
     (in this process; on dask, configurations only)."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    # On dask each task resolves the device on its worker (train_task); without a scheduler the workers, or this
+    # process, see this machine's GPUs: a cuda it lacks is refused now, before any work.
+    remote = cluster.scheduler_address(config.scheduler)
+    device = None if remote else cluster.resolve_device(config.device)
+    in_process = not remote and cluster.local_placement(config.workers, config.device).kind == "in-process"
     config = replace(config, store=store.writable_target(config.store, config.output), output=None)
     root = store.open_root(config.store, mode="r")
     check_splits(root, config.store)
@@ -618,7 +622,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
     summary = TrainSummary()
     bar = _Bar(progress, len(setups), config)
     try:
-        if config.workers or cluster.scheduler_address(config.scheduler):
+        if not in_process:
             summary.results = _train_on_cluster(config, setups, bar.wrap(on_result))
         else:
             root = store.open_root(config.store, mode="r+")
@@ -691,15 +695,16 @@ class _Bar:
 
 
 def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
-    """One configuration on a dask worker: its device is the worker's (one worker per GPU)."""
+    """One configuration on a dask worker: its device is the worker's (one worker per GPU), resolved there."""
+    device = cluster.task_device(config.device)
     root = store.open_root(config.store, mode="r+")
-    return train_setup(root, config, setup, resolve_device(config.device), {})
+    return train_setup(root, config, setup, device, {})
 
 
 def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
     from dask.distributed import as_completed
 
-    with cluster.Session(config.scheduler, config.workers, config.dashboard) as session:
+    with cluster.Session(config.scheduler, config.workers, config.dashboard, config.device) as session:
         client = session.client()
         futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
         results: list = [None] * len(setups)
