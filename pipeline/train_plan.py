@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import zarr
 
-from . import store
+from . import models, rawdata, store
 from .errors import PipelineError
 from .train import (SPLITS, Data, Setup, TrainConfig, axis_names, check_fresh, check_splits, config_dict, config_hash,
                     feature_home, finished_runs, load_labels, plan_grid, resolve_label, select)
