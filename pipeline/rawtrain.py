@@ -148,9 +148,11 @@ def adamw_step(params: dict, grads: list, adam: AdamW, lr: np.ndarray, weight_de
     beta1, beta2 = ADAMW_BETAS
     adam.step += 1
     correction1, correction2 = 1 - beta1 ** adam.step, math.sqrt(1 - beta2 ** adam.step)
+    first = next(iter(params.values()))
+    rates = torch.as_tensor(lr, dtype=first.dtype, device=first.device)  # one copy to the device per step
     with torch.no_grad():
         for (key, p), g in zip(params.items(), grads):
-            rate = torch.as_tensor(lr, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1)))
+            rate = rates.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
             p.mul_(1 - rate * weight_decay)
             m, v = adam.exp_avg[key], adam.exp_avg_sq[key]
             m.lerp_(g, 1 - beta1)

@@ -40,7 +40,7 @@ def small_models(monkeypatch):
     monkeypatch.setattr(glnet, "HEAD", 16)
 
 
-def planted(n: int, seed: int, scramble: bool = True) -> tuple[dict[str, list[np.ndarray]], np.ndarray, np.ndarray]:
+def planted(n: int, seed: int) -> tuple[dict[str, list[np.ndarray]], np.ndarray, np.ndarray]:
     """``n`` adapters of CLASSES classes whose class is in dW = B A (a fixed U_c V_c per class and module, plus noise)
     while each adapter's factors are scrambled by its own random G (B G^-1, G A): only what depends on dW shows the
     class. Returns the dataset columns (down: A, up: B), the class codes and a float score (||dW||_F + noise)."""
@@ -52,9 +52,8 @@ def planted(n: int, seed: int, scramble: bool = True) -> tuple[dict[str, list[np
         u, v = world.standard_normal((CLASSES, fan_out, r)), world.standard_normal((CLASSES, r, fan_in))
         b = u[label] + 0.4 * rng.standard_normal((n, fan_out, r))
         a = v[label] + 0.4 * rng.standard_normal((n, r, fan_in))
-        if scramble:
-            g = rng.standard_normal((n, r, r)) + 2 * np.eye(r)
-            b, a = b @ np.linalg.inv(g), g @ a
+        g = rng.standard_normal((n, r, r)) + 2 * np.eye(r)
+        b, a = b @ np.linalg.inv(g), g @ a
         columns[f"{name}.lora.down.weight"] = list(a.astype(np.float32))
         columns[f"{name}.lora.up.weight"] = list(b.astype(np.float32))
     return columns, label, label + 0.2 * rng.standard_normal(n)
