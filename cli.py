@@ -133,11 +133,24 @@ def _store_path(ctx, param, value):
 
 
 def hyper_options(command):
-    """One option per hyper-parameter (pipeline/hyper.py), in Hyper's order, with Hyper's default and help."""
+    """One option per hyper-parameter (pipeline/hyper.py), in Hyper's order, with its help and its default: Hyper's,
+    and each model's own where it has one (models.Model.preset). Not given, it is None: TrainConfig fills in the
+    default of the model chosen."""
     for f in reversed(dataclasses.fields(Hyper)):
-        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=f.default,
-                               show_default=True, help=f.metadata["help"])(command)
+        own = [f"{m.name}: {m.preset[f.name]}" for m in models.REGISTRY.values() if f.name in m.preset]
+        shown = "; ".join([str(f.default), *own])
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=None,
+                               help=f"{f.metadata['help']}  [default: {shown}]")(command)
     return command
+
+
+def _raw_memory(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except click.BadParameter as exc:
+        raise PipelineError(f"--raw-memory {exc.message}") from None
 
 
 def _size_text(n: int) -> str:
@@ -375,6 +388,9 @@ def features(store, list_reps, **options):
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=TRAIN,
         help="Where to train: auto is cuda when the worker running a configuration has a GPU (each worker decides).")
 @hyper_options
+@click.option("--raw-memory", default=None, callback=_raw_memory,
+              help="Raw factors kept on the device for the models that learn from them, like 512MiB; a split that does "
+                   "not fit is streamed from the store by chunk [default: half the free GPU memory, a quarter of the RAM].")
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
 @personal_store_option(TRAIN, "runs")
 @option("--workers", type=int, config=TRAIN,

@@ -73,9 +73,9 @@ def train_command(store: str, config: dict, runs: int) -> str:
         args[-2:-2] = ["--task", "regression"]
     model = models.REGISTRY.get(config["model"])
     options = model.options() if model else [f.name for f in fields(Hyper)]  # the fixed ones are not options
-    defaults = Hyper()
+    defaults = model.defaults() if model else {f.name: f.default for f in fields(Hyper)}  # what an option left out gets
     for name in options:
-        value = config.get(name, getattr(defaults, name))  # not recorded: the configuration was made before it existed
-        if value != getattr(defaults, name):
+        value = config.get(name, getattr(Hyper(), name))  # not recorded: the configuration was made before it existed
+        if value != defaults[name]:
             args += [f"--{name.replace('_', '-')}", value]
     return command("train", store, *args)

@@ -44,8 +44,10 @@ class Model:
     """One model ``pipeline train --model NAME`` fits.
 
     ``fixed``: the hyper-parameters the model always has, whatever is given (they are not its options and are
-    recorded, with these values, in its configuration's hash). ``version``: bump when a change to the model
-    changes its results (it is part of the configuration hash).
+    recorded, with these values, in its configuration's hash). ``preset``: its own defaults for options where
+    they differ from Hyper's (those of its paper's code): what a configuration gets for an option it does not
+    set (``TrainConfig`` leaves an option it was not given at None until its model is known). ``version``: bump
+    when a change to the model changes its results (it is part of the configuration hash).
     """
 
     name: str
@@ -55,14 +57,19 @@ class Model:
     summary: str  # one line for --help and the docs
     tasks: tuple[str, ...] = TASKS
     fixed: dict = field(default_factory=dict)
+    preset: dict = field(default_factory=dict)
 
     def hyper(self, hp: Hyper) -> Hyper:
         """The hyper-parameters this model trains with: ``hp`` with the fixed ones set."""
         return replace(hp, **self.fixed)
 
+    def unset(self) -> Hyper:
+        """The value of each option that is not given: Hyper's defaults with this model's preset."""
+        return replace(Hyper(), **self.preset)
+
     def defaults(self) -> dict:
         """Its hyper-parameters when none is given (what report and info name differences against)."""
-        return {f.name: getattr(self.hyper(Hyper()), f.name) for f in fields(Hyper)}
+        return {f.name: getattr(self.hyper(self.unset()), f.name) for f in fields(Hyper)}
 
     def options(self) -> tuple[str, ...]:
         """The Hyper fields that are options of this model (the others are fixed)."""
@@ -79,6 +86,8 @@ REGISTRY: dict[str, Model] = {}
 def register(model: Model) -> Model:
     if model.inputs not in ("features", "raw"):
         raise ValueError(f"model {model.name!r}: inputs must be 'features' or 'raw'")
+    if set(model.preset) & set(model.fixed) or not set(model.preset) | set(model.fixed) <= {f.name for f in fields(Hyper)}:
+        raise ValueError(f"model {model.name!r}: preset and fixed name distinct Hyper fields")
     REGISTRY[model.name] = model
     return model
 
@@ -97,3 +106,11 @@ def names() -> list[str]:
 register(Model("mlp", 1, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
 register(Model("linear", 1, "features", "pipeline.model:fit",
                "no hidden layer, trained like the MLP (--depth, --hidden and --dropout do not apply)", fixed=LINEAR))
+# The two that learn from the raw factors (docs/train.md, "Models on the raw factors"): their presets are their
+# papers' settings (LoL's diffusion scripts; MVProbe's train_*_probex.py); neither has dropout.
+register(Model("glnet", 1, "raw", "pipeline.glnet:fit",
+               "LoL's GL-equivariant network on the raw factors (--depth equivariant layers of width --hidden; AdamW)",
+               fixed={"dropout": 0.0}, preset={"depth": 1, "hidden": 64, "weight_decay": 0.0, "batch_size": 8}))
+register(Model("probe", 1, "raw", "pipeline.probe:fit",
+               "MVProbe-style learned probes of dW = sBA, first-order and Gram views, never forming dW (AdamW)",
+               fixed={"dropout": 0.0}, preset={"depth": 1, "lr": 3e-4, "weight_decay": 0.0, "batch_size": 128}))

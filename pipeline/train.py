@@ -24,7 +24,7 @@ import zarr
 from . import cluster, leases, metrics, models, provenance, rawdata, representations, store
 from .commands import quoted
 from .errors import PipelineError, disk_full
-from .hyper import Hyper
+from .hyper import Hyper, unset_by_default
 from .models import Fitted
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
@@ -37,11 +37,14 @@ MAX_WIDTH, MAX_DEPTH = 1 << 16, 64  # likewise for the MLP's hidden width and de
 
 
 @dataclass(frozen=True)
+@unset_by_default
 class TrainConfig(Hyper):
     """Everything ``pipeline train`` takes; the defaults are the original protocol.
 
     The hyper-parameter fields (depth, hidden, dropout, lr, ...) are Hyper's, inherited: one copy of
-    them. The trainer gets ``hyper()``, not this config, because a linear model changes what they mean.
+    them. One not given (None) takes its model's default (``models.Model.unset``: Hyper's, or the model's
+    preset) when the config is made, so a config's fields are always values. The trainer gets ``hyper()``,
+    not this config, because a model's fixed hyper-parameters (a linear model's depth 0) replace some.
     """
 
     store: str = store.DEFAULT_STORE
@@ -60,8 +63,13 @@ class TrainConfig(Hyper):
     scheduler: str | None = None  # address of an existing dask.distributed scheduler (or $DASK_SCHEDULER_ADDRESS)
     dashboard: bool = False  # serve the local cluster's dask dashboard (on 127.0.0.1)
     dry_run: bool = False  # plan the grid and estimate its cost (``plan``); nothing is trained or written
+    raw_memory: int | None = None  # bytes of raw factors kept on the device (rawdata.place); None: rawdata.memory_budget
 
     def __post_init__(self):
+        unset = models.get(self.model).unset()  # an unknown model: one line naming the models
+        for f in fields(Hyper):
+            if getattr(self, f.name) is None:
+                object.__setattr__(self, f.name, getattr(unset, f.name))  # frozen: the one write, while it is made
         finite = math.isfinite  # NaN fails every comparison below, but inf passes "> 0"
         checks = [("runs", 1 <= self.runs <= MAX_RUNS, f"1 to {MAX_RUNS}"), ("hidden", 1 <= self.hidden <= MAX_WIDTH, f"1 to {MAX_WIDTH}"),
                   ("depth", 1 <= self.depth <= MAX_DEPTH, f"1 to {MAX_DEPTH}"), ("dropout", 0 <= self.dropout < 1, "0 <= p < 1"),
@@ -70,11 +78,11 @@ class TrainConfig(Hyper):
                   ("batch-size", self.batch_size >= 2, "2 or more"), ("epochs", self.epochs >= 1, "1 or more"),
                   ("patience", self.patience >= 1, "1 or more"), ("plateau-patience", self.plateau_patience >= 0, "0 or more"),
                   ("plateau-factor", 0 < self.plateau_factor < 1, "0 < f < 1"),
-                  ("seed", 0 <= self.seed and self.seed + self.runs < 1 << 63, "0 <= seed, seed + runs < 2**63")]
+                  ("seed", 0 <= self.seed and self.seed + self.runs < 1 << 63, "0 <= seed, seed + runs < 2**63"),
+                  ("raw-memory", self.raw_memory is None or self.raw_memory >= 0, "a size of 0 bytes or more")]
         for name, ok, rule in checks:
             if not ok:
                 raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; use {rule}")
-        models.get(self.model)  # an unknown one: one line naming the models
         if self.task not in TASKS:
             raise PipelineError(f"unknown --task {self.task!r}; use {', '.join(TASKS)}")
         cluster.check_workers(self.workers)
@@ -328,14 +336,15 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cach
 
 def _raw_data(root: zarr.Group, path: str, setup: Setup, keep: dict, y: dict, task: str, classes: list[str],
               label: str) -> Data:
-    """The raw factors of the layer set's modules, unstandardised (pipeline/rawdata.py)."""
+    """The raw factors of the layer set's modules, unstandardised, left in the store until ``_train_runs`` places
+    them (pipeline/rawdata.py: resident or streamed)."""
     rawdata.check(root, path, SPLITS)
     modules = root.attrs["modules"]
     index = select([m["name"] for m in modules], setup.layer_set)
     if len(index) == 0:
         raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(modules)} modules")
     chosen = [modules[i] for i in index]
-    x = {s: rawdata.load(root, chosen, s, keep[s]) for s in SPLITS}
+    x = {s: rawdata.RawSource(root, chosen, s, keep[s]) for s in SPLITS}
     y_scale = target_scale(y, label) if task == "regression" else (0.0, 1.0)
     return Data(x, y, keep, task, classes, {models.RAW: [m["name"] for m in chosen]}, y_scale)
 
@@ -547,7 +556,10 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     ``on_epoch(epoch, active, runs)`` after each epoch (pipeline/model.py's hook, with the ensemble's size)."""
     n_out = len(data.classes) if data.task == "classification" else 1
     dtype = torch.int64 if data.task == "classification" else torch.float32
-    x = {s: data.x[s].to(device) if hasattr(data.x[s], "to") else torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
+    if setup.reps == (models.RAW,):  # resident on the device where they fit the budget, else streamed by block
+        x = rawdata.place(data.x, device, config.raw_memory)
+    else:
+        x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
     y = {s: torch.as_tensor(data.y[s], dtype=dtype, device=device) for s in SPLITS}  # original units
     if data.task == "regression":  # the loss sees standardised targets
         y_fit = {s: (y[s] - data.y_scale[0]) / data.y_scale[1] for s in ("train", "val")}
