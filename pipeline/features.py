@@ -2,8 +2,8 @@
 
 A task is one model chunk of one split (aligned with the raw chunks): it reads each module's A and
 B chunk once, moves them to the device once, computes every requested representation there, copies
-all its results to the host in one transfer, and writes one region per representation. Outputs are preallocated and a task owns its region, so a rerun
-rewrites the same bytes. Per-task progress flags make an interrupted run resume; a representation
+all its results to the host in one transfer, and writes one region per representation. Outputs are
+preallocated and a task owns its region, so a rerun rewrites the same bytes. Per-task progress flags make an interrupted run resume; a representation
 whose spec hash and source fingerprint match and that is complete is skipped.
 
 Why tasks span all modules of a chunk rather than one module: every zarr read or write costs

@@ -325,15 +325,19 @@ def _quantiles(flat: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
 def _vector_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Euclidean norms along dim, in x's dtype, safe from the overflow and underflow of float32 squares.
 
-    LAPACK's nrm2 scales; here a float32 norm outside (1e-10, inf) (its squares may have overflowed
-    above ~1.8e19 or lost digits below ~1e-19: zeros, at-init LoRA factors, huge entries) is taken
-    from float64 squares instead. On the host only those rows are recomputed (a float64 copy of every
-    row costs ~8x the float32 norm); off the host every norm is float64 (no branch on values).
+    LAPACK's nrm2 scales. Here the float32 norm stands where its squares can neither have overflowed
+    (above ~1.8e19 the norm is inf) nor lost digits below ~1e-19 (a norm under 1e-10 of a row that is
+    not all zeros: an all-zero row, a LoRA B at init, is exact); the other rows are recomputed from
+    float64 squares. Only those on the host (a float64 copy of every row costs ~8x the float32 norm);
+    off the host every norm is float64 (no branch on values).
     """
     if not _on_host(x) or x.dtype != torch.float32:
         return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64).to(x.dtype)
     norm = torch.linalg.vector_norm(x, dim=dim)
-    risky = ~((norm > 1e-10) & (norm < math.inf))
+    risky = ~(norm < math.inf)  # overflow (or NaN)
+    small = norm < 1e-10
+    if bool(small.any()):
+        risky |= small & ((x.amax(dim) > 0) | (x.amin(dim) < 0))
     if bool(risky.any()):
         norm[risky] = torch.linalg.vector_norm(x.movedim(dim, -1)[risky], dim=-1, dtype=torch.float64).to(x.dtype)
     return norm
