@@ -16,6 +16,7 @@ import click
 from pipeline._version import __version__
 from pipeline.commands import quoted
 from pipeline.errors import PipelineError
+from pipeline import models
 from pipeline.hyper import Hyper
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -323,7 +324,7 @@ def _say_waiting(what: str, holder) -> None:
 @option("--rep", "reps", config=FEATURES, help="Representations: all, or a comma-separated list (see --list).")
 @option("--split", "splits", config=FEATURES, help="Splits: all, or a comma-separated list.")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=FEATURES,
-        help="Where to compute: auto is cuda when there is a GPU.")
+        help="Where to compute: auto is cuda when the worker running a task has a GPU (each worker decides).")
 @option("--workers", type=int, config=FEATURES,
         help="Run on a local dask cluster of N worker processes (0: in this process).")
 @option("--scheduler", config=FEATURES, help=scheduler_help)
@@ -366,13 +367,13 @@ def features(store, list_reps, **options):
              "(default: category_label, else the store's only classification label).")
 @option("--runs", type=int, config=TRAIN, help="Runs per configuration (seeds seed..seed+runs-1).")
 @option("--seed", type=int, config=TRAIN, help="Seed of the first run; run r uses seed + r.")
-@option("--model", type=click.Choice(["mlp", "linear"]), config=TRAIN,
-        help="mlp, or linear (no hidden layer: --depth, --hidden and --dropout do not apply).")
+@option("--model", type=click.Choice(models.names()), config=TRAIN,
+        help="; ".join(f"{m.name}: {m.summary}" for m in models.REGISTRY.values()) + ".")
 @option("--task", type=click.Choice(["auto", "classification", "regression"]), config=TRAIN,
         help="auto: a float label is regressed, any other classified; regression also regresses an integer label "
              "(R², MAE, RMSE, MAPE), classification also treats its values as classes.")
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), config=TRAIN,
-        help="Where to train: auto is cuda when there is a GPU.")
+        help="Where to train: auto is cuda when the worker running a configuration has a GPU (each worker decides).")
 @hyper_options
 @click.option("--force", is_flag=True, help="Retrain runs that are already finished.")
 @personal_store_option(TRAIN, "runs")

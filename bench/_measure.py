@@ -9,6 +9,8 @@ in them) and read_bytes/write_bytes (what reached the block device).
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -22,6 +24,7 @@ class Measured:
     peak: dict = field(default_factory=dict)  # RssAnon, VmRSS in bytes
     io: dict = field(default_factory=dict)  # rchar, wchar, read_bytes, write_bytes
     output: str = ""
+    timed_out: bool = False  # stopped at its timeout (run_measured's ``timeout``)
 
 
 def _read_proc(pid: int) -> tuple[dict, dict]:
@@ -51,20 +54,34 @@ def _sample(pid: int, result: Measured, stop: threading.Event) -> None:
         time.sleep(0.02)
 
 
-def run_measured(command: list[str], cwd: Path, capture: bool = False) -> Measured:
-    """Run ``command``; raise SystemExit with its output if it fails."""
+def run_measured(command: list[str], cwd: Path, capture: bool = False, timeout: float | None = None) -> Measured:
+    """Run ``command``; raise SystemExit with its output if it fails.
+
+    ``timeout``: the command runs in a process group of its own, killed (SIGKILL, with its dask workers)
+    after that many seconds; the result then says ``timed_out`` instead of raising.
+    """
     result = Measured()
     stop = threading.Event()
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE if capture else None,
-                               stderr=subprocess.STDOUT if capture else None, text=True)
+                               stderr=subprocess.STDOUT if capture else None, text=True,
+                               start_new_session=timeout is not None)
     sampler = threading.Thread(target=_sample, args=(process.pid, result, stop), daemon=True)
     sampler.start()
-    out, _ = process.communicate()
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        result.timed_out = True
+    except BaseException:  # Ctrl-C here: a group of its own would outlive us
+        if timeout is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
     result.seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
     result.output = out or ""
-    if process.returncode:
+    if process.returncode and not result.timed_out:
         raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}\n{result.output[-2000:]}")
     return result

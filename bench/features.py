@@ -44,7 +44,8 @@ from _data import lora_columns, module_subset, synthetic_source  # noqa: E402
 import reference as oracle  # noqa: E402  (tests/reference.py: the per-sample numpy references the tests check us with)
 from pipeline import features as features_mod  # noqa: E402
 from pipeline import representations, store as store_mod  # noqa: E402
-from pipeline.features import FeaturesConfig, compute_features, resolve_device  # noqa: E402
+from pipeline.cluster import resolve_device  # noqa: E402
+from pipeline.features import FeaturesConfig, compute_features  # noqa: E402
 from pipeline.materialize import MaterializeConfig, materialize  # noqa: E402
 from pipeline.synthetic import SYNTH_VERSION  # noqa: E402
 

@@ -1,6 +1,11 @@
-"""dask.distributed servers that open no HTTP port unasked (imported only when a local cluster starts)."""
+"""The local clusters: dask.distributed servers that open no HTTP port unasked, and workers pinned one per GPU.
+
+Imported only when a local cluster starts.
+"""
 
 from __future__ import annotations
+
+import copy
 
 from distributed import LocalCluster, Nanny, Scheduler, Worker
 from distributed.deploy.spec import SpecCluster
@@ -41,3 +46,43 @@ class _QuietSpec(SpecCluster):
 class QuietLocalCluster(LocalCluster, _QuietSpec):
     """LocalCluster with QuietScheduler: LocalCluster hands its scheduler spec to the next __init__ in the
     MRO, which is _QuietSpec's here (LocalCluster takes a worker class but no scheduler class)."""
+
+
+class _PinnedSpec(_QuietSpec):
+    """Gives worker i of the spec LocalCluster hands on the environment variable CUDA_VISIBLE_DEVICES=visible[i]."""
+
+    def __init__(self, *args, workers=None, **kwargs):
+        pinned = {}
+        for i, spec in (workers or {}).items():
+            spec = copy.deepcopy(spec)
+            spec["options"]["env"] = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": self.visible[i]}
+            pinned[i] = spec
+        super().__init__(*args, workers=pinned, **kwargs)
+
+
+class QuietPinnedCluster(LocalCluster, _PinnedSpec):
+    """One single-threaded worker process per entry of ``visible``, started with CUDA_VISIBLE_DEVICES set to it.
+
+    What dask-cuda's LocalCUDACluster does for its workers (and ``dask cuda worker``), for machines without
+    dask-cuda: the worker's own GPU is listed first, so that its cuda:0 is that GPU. A worker the nanny
+    restarts keeps its variable (the nanny holds it).
+    """
+
+    def __init__(self, visible: tuple[str, ...], **kwargs):
+        self.visible = tuple(visible)
+        super().__init__(n_workers=len(self.visible), threads_per_worker=1, processes=True, worker_class=QuietNanny,
+                         **kwargs)
+
+
+def pinned_cluster(visible: tuple[str, ...], dask_cuda: bool, **kwargs):
+    """The local cluster of one worker per GPU: dask-cuda's LocalCUDACluster (quiet), else QuietPinnedCluster."""
+    if not dask_cuda:
+        return QuietPinnedCluster(visible, **kwargs)
+    from dask_cuda import LocalCUDACluster
+
+    class QuietLocalCUDACluster(LocalCUDACluster, _QuietSpec):  # as QuietLocalCluster: the scheduler spec goes through _QuietSpec
+        pass
+
+    own = [v.split(",")[0] for v in visible]  # LocalCUDACluster rotates the list itself, worker i's GPU first
+    return QuietLocalCUDACluster(CUDA_VISIBLE_DEVICES=own, n_workers=len(own), threads_per_worker=1,
+                                 worker_class=QuietWorker, **kwargs)

@@ -10,7 +10,8 @@ import shlex
 from dataclasses import fields
 
 from .errors import PipelineError
-from .hyper import LINEAR, Hyper
+from . import models
+from .hyper import Hyper
 
 
 def command(stage: str, store: str, *args) -> str:
@@ -70,9 +71,10 @@ def train_command(store: str, config: dict, runs: int) -> str:
             "--label", config["label"], "--model", config["model"], "--seed", config["seed"], "--runs", runs]
     if config.get("task") == "regression":  # auto for a float label, but not for an integer one: say it
         args[-2:-2] = ["--task", "regression"]
-    ignored = LINEAR if config["model"] == "linear" else {}  # recorded as 0: no option of a linear model
+    model = models.REGISTRY.get(config["model"])
+    options = model.options() if model else [f.name for f in fields(Hyper)]  # the fixed ones are not options
     defaults = Hyper()
-    for name in (f.name for f in fields(Hyper) if f.name not in ignored):
+    for name in options:
         value = config.get(name, getattr(defaults, name))  # not recorded: the configuration was made before it existed
         if value != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", value]

@@ -13,7 +13,7 @@ Why tasks span all modules of a chunk rather than one module: every zarr read or
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class FeaturesConfig:
 
     def __post_init__(self):
         cluster_mod.check_workers(self.workers)
+        cluster_mod.check_device(self.device)
         if self.splits.strip() != "all" and not [s for s in self.splits.split(",") if s.strip()]:
             raise PipelineError(f"--split {self.splits!r} names no split; use all, or a comma-separated list like train,val")
 
@@ -72,20 +73,10 @@ class Task:
     modules: tuple[ModuleInfo, ...]
     n_layers: int
     reps: tuple[str, ...]  # representations this task computes (those not done for this chunk)
-    device: str
+    device: str  # as asked (auto, cpu or cuda): the worker that runs the task resolves it (cluster.task_device)
     # Materialize refuses NaN/Inf weights unless --allow-nonfinite: only then must a task look for them
     # (a pass over every raw value, which the stage otherwise never needs).
     raw_may_be_nonfinite: bool = True
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda but CUDA is not available here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return device
 
 
 # --- the maths, importable and tested without dask or zarr -------------------------------------------
@@ -140,8 +131,9 @@ def _check_raw_finite(task: Task, key: str, a: np.ndarray, b: np.ndarray) -> Non
                             "the source and rematerialize without it, or leave that split out with --split")
 
 
-def run_task(task: Task) -> tuple[int, int]:
-    """Compute ``task``; returns (bytes of raw read, number of modules). Runs on a dask worker."""
+def run_task(task: Task) -> tuple[int, int, str]:
+    """Compute ``task``; returns (bytes of raw read, number of modules, the device it computed on). Runs on a dask worker."""
+    device = cluster_mod.task_device(task.device)
     root = zarr.open_group(store.zarr_store(task.store), mode="r+", zarr_format=3)
     raw = root if task.raw_store == task.store else zarr.open_group(store.zarr_store(task.raw_store, read_only=True), mode="r",
                                                                        zarr_format=3)
@@ -162,9 +154,9 @@ def run_task(task: Task) -> tuple[int, int]:
         nbytes += a.nbytes + b.nbytes
         rank = store.read_array(group, "rank", task.start, task.stop) if module.rank_varies else np.full(n, module.rank)
         alpha = store.read_array(group, "alpha", task.start, task.stop) if module.alpha_varies else module.alpha
-        A = torch.from_numpy(a).to(task.device, dtype=torch.float32)
-        B = torch.from_numpy(b).to(task.device, dtype=torch.float32)
-        scale = torch.from_numpy(module_scale(rank, alpha)).to(task.device)
+        A = torch.from_numpy(a).to(device, dtype=torch.float32)
+        B = torch.from_numpy(b).to(device, dtype=torch.float32)
+        scale = torch.from_numpy(module_scale(rank, alpha)).to(device)
         for name, value in compute_module(A, B, scale, reps).items():
             if isinstance(value, tuple):
                 results += [(name, module.layer_a, value[0]), (name, module.layer_b, value[1])]
@@ -180,7 +172,7 @@ def run_task(task: Task) -> tuple[int, int]:
         store.writable(features[name])[task.start:task.stop] = values
     for name in outputs:  # the flags follow the data
         store.writable(features[f"_progress/{name}"])[task.chunk] = 1
-    return nbytes, len(task.modules)
+    return nbytes, len(task.modules), device
 
 
 # --- planning and allocation -------------------------------------------------------------------------
@@ -241,6 +233,7 @@ class FeaturesSummary:
     up_to_date: dict[str, list[str]]
     tasks: int
     seconds: float
+    devices: list[str] = field(default_factory=list)  # the devices the tasks computed on, as their workers resolved --device
 
 
 @dataclass
@@ -252,7 +245,7 @@ class Plan:
     deferred: dict[tuple[str, str], leases.Holder]  # (split, rep) someone else is computing -> who
 
 
-def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] | None = None) -> Plan:
+def plan_tasks(config: FeaturesConfig, only: set[tuple[str, str]] | None = None) -> Plan:
     """Take the lease of every (split, rep) to compute, allocate what is stale, and return the tasks.
 
     A (split, rep) whose lease someone else holds is deferred, not touched; ``only`` limits the plan
@@ -269,7 +262,7 @@ def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] |
     modules = tuple(_modules(attrs))
     plan = Plan([], {}, {}, [], {})
     try:
-        _fill_plan(plan, config, root, raw_root, raw_location, attrs, reps, splits, modules, fingerprint, device, only)
+        _fill_plan(plan, config, root, raw_root, raw_location, attrs, reps, splits, modules, fingerprint, only)
     except BaseException:
         for lease in plan.held:
             lease.release()
@@ -278,7 +271,7 @@ def plan_tasks(config: FeaturesConfig, device: str, only: set[tuple[str, str]] |
 
 
 def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location: str, attrs: dict, reps, splits, modules,
-               fingerprint: str, device: str, only) -> None:
+               fingerprint: str, only) -> None:
     nonfinite = (raw_root.attrs.get("materialize_config") or {}).get("allow_nonfinite", True)  # unknown: check
     for split in splits:
         n = attrs["splits"][split]["n"]
@@ -314,7 +307,7 @@ def _fill_plan(plan: Plan, config: FeaturesConfig, root, raw_root, raw_location:
                 todo.setdefault(int(c), []).append(rep.name)
         for c, names in sorted(todo.items()):
             plan.tasks.append(Task(config.store, raw_location, split, c, c * chunk, min(n, (c + 1) * chunk), modules,
-                                   len(attrs["layers"]), tuple(names), device, nonfinite))
+                                   len(attrs["layers"]), tuple(names), config.device, nonfinite))
 
 
 def _finish(config: FeaturesConfig, computed: dict) -> None:
@@ -348,25 +341,29 @@ def _task_failed(task: Task, exc: BaseException) -> PipelineError:
                          "finished chunks are kept: rerun the same command to resume (report it if it fails again)")
 
 
-def _run_tasks(config: FeaturesConfig, session: cluster_mod.Session, tasks: list[Task], progress) -> None:
+def _run_tasks(config: FeaturesConfig, session: cluster_mod.Session, tasks: list[Task], progress) -> set[str]:
+    """Run the tasks on the session's workers; returns the devices they computed on."""
     from dask.distributed import as_completed
 
     client = session.client()
     threads = torch.get_num_threads()
-    if session.local and not config.workers:
+    if session.in_process:
         torch.set_num_threads(1)  # dask's threads already use every core: don't oversubscribe them
+    devices = set()
     bar = progress(total_layers=len(tasks), total_bytes=0) if progress else None  # one step per model chunk
     try:
         futures = client.map(run_task, tasks, pure=False)
         task_of = dict(zip(futures, tasks))
         for future in as_completed(futures):
-            nbytes, _ = _task_result(future, task_of[future], config.store)
+            nbytes, _, device = _task_result(future, task_of[future], config.store)
+            devices.add(device)
             if bar:
                 bar.update(layers=1, nbytes=nbytes)
     finally:
         if bar:
             bar.close()
         torch.set_num_threads(threads)
+    return devices
 
 
 def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> FeaturesSummary:
@@ -377,11 +374,12 @@ def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> Fea
     holder)`` is called when a wait starts.
     """
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    with cluster_mod.Session(config.scheduler, config.workers, config.dashboard) as session:  # before the store changes
+    if not cluster_mod.scheduler_address(config.scheduler):  # the workers are on this machine: refuse cuda without it now
+        cluster_mod.resolve_device(config.device)
+    with cluster_mod.Session(config.scheduler, config.workers, config.dashboard, config.device) as session:  # before the store changes
         try:
             config = replace(config, store=store.writable_target(config.store, config.output), output=None)
-            return _compute(config, session, device, progress, on_wait, started)
+            return _compute(config, session, progress, on_wait, started)
         except OSError as exc:  # planning and marks write too (tasks' own failures arrive as PipelineErrors)
             full = disk_full(exc, config.store)
             if full is None:
@@ -389,16 +387,15 @@ def compute_features(config: FeaturesConfig, progress=None, on_wait=None) -> Fea
             raise full from None
 
 
-def _compute(config: FeaturesConfig, session: cluster_mod.Session, device: str, progress, on_wait,
-             started: float) -> FeaturesSummary:
+def _compute(config: FeaturesConfig, session: cluster_mod.Session, progress, on_wait, started: float) -> FeaturesSummary:
     computed: dict[str, list[str]] = {}
     fresh: dict[str, list[str]] = {}
-    n_tasks, only = 0, None
+    n_tasks, only, devices = 0, None, set()
     while True:
-        plan = plan_tasks(config, device, only)
+        plan = plan_tasks(config, only)
         try:
             if plan.tasks:
-                _run_tasks(config, session, plan.tasks, progress)
+                devices |= _run_tasks(config, session, plan.tasks, progress)
             _finish(config, plan.computed)
         finally:
             for lease in plan.held:
@@ -414,4 +411,4 @@ def _compute(config: FeaturesConfig, session: cluster_mod.Session, device: str, 
             leases.wait_for(root.store, f"features/{split}/{name}",
                             on_wait=(lambda h, s=split, r=name: on_wait(s, r, h)) if on_wait else None)
         only = set(plan.deferred)
-    return FeaturesSummary(computed, fresh, n_tasks, time.perf_counter() - started)
+    return FeaturesSummary(computed, fresh, n_tasks, time.perf_counter() - started, sorted(devices))

@@ -328,3 +328,14 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
         torch.cuda.synchronize(device)
     curves = {k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in runs.curves.items()}
     return Ensemble(curves, runs.best_epoch, best, last, hp.depth, time.perf_counter() - started, str(device))
+
+
+def fit(train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None):
+    """pipeline/models.py's entry for the MLP (and the MLP-trained linear model): ``train_ensemble`` on (x, y)
+    pairs, predicting with the best or the last weights of every run."""
+    from .models import Fitted
+
+    ens = train_ensemble(train[0], train[1], val[0], val[1], seeds, hp, task, n_out, on_epoch=on_epoch)
+    weights = {"best": ens.best, "last": ens.last}
+    return Fitted(ens.curves, ens.best_epoch, lambda x, which: evaluate(weights[which], x, ens.depth), ens.seconds,
+                  ens.device)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import provenance, stats, store, tables
+from . import models, provenance, stats, store, tables
 from .commands import quoted
 from .errors import PipelineError
-from .hyper import LINEAR, Hyper
+from .hyper import Hyper
 
 DEFAULT_SEED = 42  # TrainConfig.seed (train.py imports torch, which a report does not need; a test keeps them equal)
 HYPER = tuple(f.name for f in fields(Hyper))
@@ -128,11 +128,10 @@ def compact(value) -> str:
 
 def differences(attrs: dict) -> dict:
     """What a configuration sets otherwise than ``pipeline train``'s defaults: model, seed and hyper-parameters
-    (for a linear model, the depth, width and dropout it always has are not differences)."""
+    (the ones a model always has, such as a linear model's depth 0, are not differences)."""
     conf = attrs.get("config") or {}
-    defaults = {f.name: f.default for f in fields(Hyper)}
-    if attrs.get("model") == "linear":
-        defaults.update(LINEAR)
+    model = models.REGISTRY.get(attrs.get("model"))
+    defaults = model.defaults() if model else {f.name: f.default for f in fields(Hyper)}
     out = {"model": attrs["model"]} if attrs.get("model", "mlp") != "mlp" else {}  # absent: an old or damaged group
     if conf.get("seed", DEFAULT_SEED) != DEFAULT_SEED:
         out["seed"] = conf["seed"]

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import zarr
 
-from . import cluster, leases, metrics, provenance, representations, store
+from . import cluster, leases, metrics, models, provenance, rawdata, representations, store
 from .commands import quoted
 from .errors import PipelineError, disk_full
-from .features import resolve_device
-from .hyper import LINEAR, Hyper
-from .model import Ensemble, evaluate, train_ensemble
+from .hyper import Hyper
+from .models import Fitted
 
 TRAIN_VERSION = 1  # bump when a change to the trainer changes its results: it is part of the config hash
 SPLITS = ("train", "val", "test")
@@ -51,7 +50,7 @@ class TrainConfig(Hyper):
     label: str | None = None  # None: category_label if the store has it, else its only classification label
     runs: int = 10
     seed: int = 42
-    model: str = "mlp"  # or "linear"
+    model: str = "mlp"  # a name in pipeline/models.py's registry
     task: str = "auto"  # auto: a float label is regressed, any other classified; or "classification", "regression"
     device: str = "auto"
     force: bool = False
@@ -75,16 +74,16 @@ class TrainConfig(Hyper):
         for name, ok, rule in checks:
             if not ok:
                 raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; use {rule}")
-        if self.model not in ("mlp", "linear"):
-            raise PipelineError(f"unknown --model {self.model!r}; use mlp or linear")
+        models.get(self.model)  # an unknown one: one line naming the models
         if self.task not in TASKS:
             raise PipelineError(f"unknown --task {self.task!r}; use {', '.join(TASKS)}")
         cluster.check_workers(self.workers)
+        cluster.check_device(self.device)
 
     def hyper(self) -> Hyper:
-        """What the trainer needs of this config: ``linear`` is depth 0, no hidden layer, no dropout."""
-        values = {f.name: getattr(self, f.name) for f in fields(Hyper)}
-        return Hyper(**{**values, **LINEAR} if self.model == "linear" else values)
+        """What the model trains with: this config's hyper-parameters, with those its model fixes set
+        (``linear``: depth 0, no hidden layer, no dropout)."""
+        return models.get(self.model).hyper(Hyper(**{f.name: getattr(self, f.name) for f in fields(Hyper)}))
 
 
 # --- the grid ----------------------------------------------------------------------------------------
@@ -142,8 +141,18 @@ def _stored_reps(root: zarr.Group) -> list[str]:
 
 
 def plan_grid(root: zarr.Group, config: TrainConfig) -> list[Setup]:
-    """The configurations asked for: rep groups x layer sets, in the order given."""
-    if config.reps.strip() == "all":
+    """The configurations asked for: rep groups x layer sets, in the order given. A model that reads the raw
+    factors has one group, models.RAW (``--rep all`` or ``--rep raw``)."""
+    model = models.get(config.model)
+    if model.inputs == "raw":
+        if config.reps.strip() not in ("all", models.RAW):
+            raise PipelineError(f"--model {model.name} learns from the raw LoRA factors, not from stored features; "
+                                f"use --rep {models.RAW} (or all)")
+        groups = [(models.RAW,)]
+    elif models.RAW in [p.strip() for part in config.reps.split(",") for p in part.split("+")]:
+        raise PipelineError(f"--rep {models.RAW} is read only by the models that learn from the raw factors "
+                            f"({', '.join(m.name for m in models.REGISTRY.values() if m.inputs == 'raw') or 'none yet'})")
+    elif config.reps.strip() == "all":
         groups = [(name,) for name in _stored_reps(root)]
         if not groups:
             raise PipelineError(f"store {config.store} has no features yet; run {quoted('features', config.store)}")
@@ -177,7 +186,9 @@ class Data:
 
     @property
     def width(self) -> int:
-        return self.x["train"].shape[1]
+        """Numbers per adapter the model reads (features, or the raw factors)."""
+        train = self.x["train"]
+        return train.width if hasattr(train, "width") else train.shape[1]
 
 
 def check_splits(root: zarr.Group, path: str) -> None:
@@ -273,8 +284,9 @@ def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
 
 
 def axis_names(root: zarr.Group, name: str) -> list[str]:
-    """Names along a representation's second axis: sorted layer names (tensor kind) or module names."""
-    if representations.get(name).kind == "tensor":
+    """Names along a representation's second axis: sorted layer names (tensor kind) or module names (module
+    kind, and the raw factors)."""
+    if name != models.RAW and representations.get(name).kind == "tensor":
         return [layer["name"] for layer in root.attrs["layers"]]
     return [module["name"] for module in root.attrs["modules"]]
 
@@ -284,6 +296,8 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cach
     """Slice the stored features to the layer set, flatten per model, concatenate reps, standardise."""
     label = resolve_label(root, path, label)
     keep, y, task, classes = load_labels(root, path, label, task)
+    if setup.reps == (models.RAW,):
+        return _raw_data(root, path, setup, keep, y, task, classes, label)
     cache = {} if cache is None else cache
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     layers = {}
@@ -310,6 +324,20 @@ def load_data(root: zarr.Group, path: str, setup: Setup, label: str | None, cach
     x = {s: ((v - mean) / scale).astype(np.float32) for s, v in x.items()}
     y_scale = target_scale(y, label) if task == "regression" else (0.0, 1.0)
     return Data(x, y, keep, task, classes, layers, y_scale)
+
+
+def _raw_data(root: zarr.Group, path: str, setup: Setup, keep: dict, y: dict, task: str, classes: list[str],
+              label: str) -> Data:
+    """The raw factors of the layer set's modules, unstandardised (pipeline/rawdata.py)."""
+    rawdata.check(root, path, SPLITS)
+    modules = root.attrs["modules"]
+    index = select([m["name"] for m in modules], setup.layer_set)
+    if len(index) == 0:
+        raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(modules)} modules")
+    chosen = [modules[i] for i in index]
+    x = {s: rawdata.load(root, chosen, s, keep[s]) for s in SPLITS}
+    y_scale = target_scale(y, label) if task == "regression" else (0.0, 1.0)
+    return Data(x, y, keep, task, classes, {models.RAW: [m["name"] for m in chosen]}, y_scale)
 
 
 def target_scale(y: dict[str, np.ndarray], label: str) -> tuple[float, float]:
@@ -354,12 +382,14 @@ def config_dict(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data)
     return {
         "train_version": TRAIN_VERSION,
         "source_fingerprint": root.attrs["source"]["fingerprint"],
-        "reps": [{"name": n, "spec_hash": representations.get(n).spec_hash()} for n in setup.reps],
+        "reps": [{"name": n} if n == models.RAW else {"name": n, "spec_hash": representations.get(n).spec_hash()}
+                 for n in setup.reps],
         "layer_set": setup.layer_set,
         "layers_hash": provenance.digest("\n".join(layer_names).encode(), length=16),
         "label": config.label,
         "task": data.task,
         "model": config.model,
+        "model_version": models.get(config.model).version,
         "seed": config.seed,
         **asdict(config.hyper()),
     }
@@ -395,14 +425,14 @@ def finished_runs(root: zarr.Group, digest: str) -> set[int]:
 # --- metrics and the runs written -----------------------------------------------------------------------
 
 
-def _final_metrics(ens: Ensemble, data: Data, tensors: dict, n_out: int) -> tuple[dict, dict, torch.Tensor]:
+def _final_metrics(fitted: Fitted, data: Data, tensors: dict, n_out: int) -> tuple[dict, dict, torch.Tensor]:
     """Metrics of the best weights on every split, of the last weights on test; test outputs (R, n)."""
     out = {}
     result = {}
     for split in SPLITS:
-        out[split] = evaluate(ens.best, tensors[split][0], ens.depth)
+        out[split] = fitted.predict(tensors[split][0], "best")
         result[split] = _metrics(out[split], tensors[split][1], data, n_out)
-    last = {"test": _metrics(evaluate(ens.last, tensors["test"][0], ens.depth), tensors["test"][1], data, n_out)}
+    last = {"test": _metrics(fitted.predict(tensors["test"][0], "last"), tensors["test"][1], data, n_out)}
     return result, last, out["test"]
 
 
@@ -434,7 +464,7 @@ def configuration_attrs(config: dict, digest: str, setup: Setup, data: Data) -> 
     }
 
 
-def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Ensemble, runs: list[int],
+def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: Data, ens: Fitted, runs: list[int],
                seeds: list[int], final: dict, last: dict, test_out: torch.Tensor) -> None:
     """Each run's curves, metrics and test predictions under runs/<digest>/run-NNN; its complete mark last."""
     group = root.require_group(store.run_path(digest))
@@ -471,7 +501,7 @@ def write_runs(root: zarr.Group, digest: str, config: dict, setup: Setup, data: 
                             seconds=ens.seconds / len(runs), ensemble_seconds=ens.seconds, ensemble_size=len(runs),
                             batch=[int(r) for r in runs], configuration=configuration)  # restores a lost group zarr.json
 
-def check_finite(ens: Ensemble, final: dict, last: dict, setup: Setup, label: str) -> None:
+def check_finite(ens: Fitted, final: dict, last: dict, setup: Setup, label: str) -> None:
     """Refuse (before any run is written) an ensemble whose curves or metrics have NaN/Inf, or a run whose
     validation score was never finite (best epoch 0: its "best" weights are the initial ones)."""
     values = [np.concatenate(curve) for curve in ens.curves.values()]
@@ -517,7 +547,7 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
     ``on_epoch(epoch, active, runs)`` after each epoch (pipeline/model.py's hook, with the ensemble's size)."""
     n_out = len(data.classes) if data.task == "classification" else 1
     dtype = torch.int64 if data.task == "classification" else torch.float32
-    x = {s: torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
+    x = {s: data.x[s].to(device) if hasattr(data.x[s], "to") else torch.from_numpy(data.x[s]).to(device) for s in SPLITS}
     y = {s: torch.as_tensor(data.y[s], dtype=dtype, device=device) for s in SPLITS}  # original units
     if data.task == "regression":  # the loss sees standardised targets
         y_fit = {s: (y[s] - data.y_scale[0]) / data.y_scale[1] for s in ("train", "val")}
@@ -525,8 +555,8 @@ def _train_runs(root: zarr.Group, config: TrainConfig, setup: Setup, data: Data,
         y_fit = y
     seeds = [config.seed + r for r in todo]
     hook = (lambda epoch, active: on_epoch(epoch, active, len(todo))) if on_epoch else None
-    ens = train_ensemble(x["train"], y_fit["train"], x["val"], y_fit["val"], seeds, config.hyper(), data.task, n_out,
-                         on_epoch=hook)
+    fit = models.get(config.model).fitter()
+    ens = fit((x["train"], y_fit["train"]), (x["val"], y_fit["val"]), seeds, config.hyper(), data.task, n_out, hook)
     with torch.no_grad():
         final, last, test_out = _final_metrics(ens, data, {s: (x[s], y[s]) for s in SPLITS}, n_out)
     check_finite(ens, final, last, setup, config.label)
@@ -569,7 +599,11 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
     pipeline/progress.py factory, one step per configuration, the runs and epoch of the current one noted
     (in this process; on dask, configurations only)."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    # On dask each task resolves the device on its worker (train_task); without a scheduler the workers, or this
+    # process, see this machine's GPUs: a cuda it lacks is refused now, before any work.
+    remote = cluster.scheduler_address(config.scheduler)
+    device = None if remote else cluster.resolve_device(config.device)
+    in_process = not remote and cluster.local_placement(config.workers, config.device).kind == "in-process"
     config = replace(config, store=store.writable_target(config.store, config.output), output=None)
     root = store.open_root(config.store, mode="r")
     check_splits(root, config.store)
@@ -577,6 +611,9 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
     setups = plan_grid(root, config)
     for setup in setups:  # fail on bad input before training anything
         for name in setup.reps:
+            if name == models.RAW:
+                rawdata.check(root, config.store, SPLITS)
+                continue
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
     _, targets, task, _ = load_labels(root, config.store, config.label, config.task)
@@ -585,7 +622,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
     summary = TrainSummary()
     bar = _Bar(progress, len(setups), config)
     try:
-        if config.workers or cluster.scheduler_address(config.scheduler):
+        if not in_process:
             summary.results = _train_on_cluster(config, setups, bar.wrap(on_result))
         else:
             root = store.open_root(config.store, mode="r+")
@@ -658,15 +695,16 @@ class _Bar:
 
 
 def train_task(config: TrainConfig, setup: Setup) -> ConfigResult:
-    """One configuration on a dask worker: its device is the worker's (one worker per GPU)."""
+    """One configuration on a dask worker: its device is the worker's (one worker per GPU), resolved there."""
+    device = cluster.task_device(config.device)
     root = store.open_root(config.store, mode="r+")
-    return train_setup(root, config, setup, resolve_device(config.device), {})
+    return train_setup(root, config, setup, device, {})
 
 
 def _train_on_cluster(config: TrainConfig, setups: list[Setup], on_result) -> list[ConfigResult]:
     from dask.distributed import as_completed
 
-    with cluster.Session(config.scheduler, config.workers, config.dashboard) as session:
+    with cluster.Session(config.scheduler, config.workers, config.dashboard, config.device) as session:
         client = session.client()
         futures = {client.submit(train_task, config, setup, pure=False): i for i, setup in enumerate(setups)}
         results: list = [None] * len(setups)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import zarr
 
-from . import store
+from . import models, rawdata, store
 from .errors import PipelineError
 from .train import (SPLITS, Data, Setup, TrainConfig, axis_names, check_fresh, check_splits, config_dict, config_hash,
                     feature_home, finished_runs, load_labels, plan_grid, resolve_label, select)
@@ -92,14 +92,21 @@ def plan(config: TrainConfig) -> Plan:
     for setup in plan_grid(root, config):
         layers, width = {}, 0
         for name in setup.reps:
-            check_fresh(root, location, name)
+            if name == models.RAW:
+                rawdata.check(root, location, SPLITS)
+            else:
+                check_fresh(root, location, name)
             names = axis_names(root, name)
             index = select(names, setup.layer_set)
             if len(index) == 0:
                 raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} names of {name!r}")
             layers[name] = [names[i] for i in index]
-            shape = feature_home(root, name)[f"features/train/{name}"].shape
-            width += len(index) * math.prod(shape[2:])
+            if name == models.RAW:  # the numbers of A and B of each module
+                modules = root.attrs["modules"]
+                width += sum(modules[i]["rank"] * (modules[i]["in"] + modules[i]["out"]) for i in index)
+            else:
+                shape = feature_home(root, name)[f"features/train/{name}"].shape
+                width += len(index) * math.prod(shape[2:])
         data = Data({}, {}, keep, task, classes, layers)
         digest = config_hash(config_dict(root, config, setup, data))
         finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))

@@ -118,7 +118,7 @@ class HostCopies(TorchFunctionMode):
 def test_a_task_copies_its_results_to_the_host_once(store, monkeypatch):
     """Every representation of every module of a chunk, on the device paths: one copy to the host, no other read."""
     monkeypatch.setattr(representations, "_on_host", lambda t: False)  # what runs on CUDA: no numpy sort, no branch on values
-    plan = features_mod.plan_tasks(FeaturesConfig(store=str(store), reps="all,dw_quantiles", quiet=True), "cpu")
+    plan = features_mod.plan_tasks(FeaturesConfig(store=str(store), reps="all,dw_quantiles", device="cpu", quiet=True))
     try:
         task = plan.tasks[0]
         assert len(task.modules) == 4 and len(task.reps) == len(representations.REGISTRY)

@@ -212,13 +212,13 @@ def test_run_layout_in_the_store(signal_store):
 
 def test_resume_skips_finished_runs(scratch, monkeypatch):
     calls = []
-    real = train_mod.train_ensemble
+    real = model.train_ensemble
 
     def counting(*args, **kwargs):
         calls.append(len(args[4]))  # seeds
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_ensemble", counting)
+    monkeypatch.setattr(model, "train_ensemble", counting)
     config = dict(store=str(scratch), reps="dw_norms", layers="all,text", **{**FAST, "runs": 2, "epochs": 4})
     first = train(TrainConfig(**config))
     assert (first.trained, first.skipped, calls) == (4, 0, [2, 2])

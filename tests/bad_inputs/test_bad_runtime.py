@@ -20,7 +20,7 @@ from zarr.storage import LocalStore
 
 from conftest import (assert_one_line_error, file_snapshot, lora_rows, materialize_to, run_cli,
                       save_matrix_dataset, store_arrays)
-from pipeline import cluster, features
+from pipeline import cluster, features, model
 from pipeline.errors import PipelineError
 from pipeline.features import FeaturesConfig, compute_features
 from pipeline.train import TrainConfig
@@ -133,7 +133,7 @@ def test_constant_regression_target_is_refused(labelled_store):
 
 
 def test_nonfinite_training_results_are_never_marked_complete(labelled_store, monkeypatch):
-    real = train.train_ensemble
+    real = model.train_ensemble
 
     def diverging(*args, **kwargs):  # what an overflow in training looks like: NaN validation scores
         ens = real(*args, **kwargs)
@@ -142,7 +142,7 @@ def test_nonfinite_training_results_are_never_marked_complete(labelled_store, mo
         ens.best_epoch[:] = 0
         return ens
 
-    monkeypatch.setattr(train, "train_ensemble", diverging)
+    monkeypatch.setattr(model, "train_ensemble", diverging)
     before = file_snapshot(labelled_store)
     result = run_cli("train", "--store", labelled_store, "--rep", REP, "--label", "fine", *FAST)
     assert_one_line_error(result, "NaN or Inf", "no run was marked complete")

@@ -1,0 +1,99 @@
+"""The models ``pipeline train`` fits, by name: what each reads, which tasks it takes, how it is fitted.
+
+A model fits R runs of one configuration at once (one seed each) and answers with a ``Fitted``: per-run
+curves (``model.CURVES``, one value per epoch or iteration), each run's best epoch, and
+``predict(x, which)``, the outputs (R, n, K) of classification (the argmax is the prediction) or (R, n, 1)
+of regression (in standardised units) for ``which`` = "best" or "last". pipeline/train.py writes the
+runs, curves, metrics and predictions of every model the same way, so report, info and the Python readers
+see each model as configurations like any other.
+
+What a model reads (``inputs``): "features", the stored features of the configuration's representations,
+standardised, as one (n, width) float32 tensor per split; or "raw", the store's raw LoRA factors of the
+layer set's modules (pipeline/rawdata.py), for the models that learn from the factors themselves.
+
+This module imports no torch: the CLI, report and info read the registry; ``fit`` is named as
+"module:function" and imported when a model is fitted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
+
+from .errors import PipelineError
+from .hyper import LINEAR, Hyper
+
+TASKS = ("classification", "regression")
+RAW = "raw"  # what a raw-input model's configurations name as their representation: the LoRA factors themselves
+
+
+@dataclass
+class Fitted:
+    """What a model's fit returns for R runs; ``predict(x, which)`` -> (R, n, K or 1) on the device of x."""
+
+    curves: dict  # name -> per run (epochs_trained,) float arrays, every name of model.CURVES
+    best_epoch: Any  # (R,) int, 1-based: the epoch whose weights ``predict(x, "best")`` uses
+    predict: Callable[[Any, str], Any]
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model ``pipeline train --model NAME`` fits.
+
+    ``fixed``: the hyper-parameters the model always has, whatever is given (they are not its options and are
+    recorded, with these values, in its configuration's hash). ``version``: bump when a change to the model
+    changes its results (it is part of the configuration hash).
+    """
+
+    name: str
+    version: int
+    inputs: str  # "features" or "raw"
+    fit: str  # "module:function": fit(train, val, seeds, hp, task, n_out, on_epoch) -> Fitted; train, val: (x, y)
+    summary: str  # one line for --help and the docs
+    tasks: tuple[str, ...] = TASKS
+    fixed: dict = field(default_factory=dict)
+
+    def hyper(self, hp: Hyper) -> Hyper:
+        """The hyper-parameters this model trains with: ``hp`` with the fixed ones set."""
+        return replace(hp, **self.fixed)
+
+    def defaults(self) -> dict:
+        """Its hyper-parameters when none is given (what report and info name differences against)."""
+        return {f.name: getattr(self.hyper(Hyper()), f.name) for f in fields(Hyper)}
+
+    def options(self) -> tuple[str, ...]:
+        """The Hyper fields that are options of this model (the others are fixed)."""
+        return tuple(f.name for f in fields(Hyper) if f.name not in self.fixed)
+
+    def fitter(self) -> Callable:
+        module, function = self.fit.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+REGISTRY: dict[str, Model] = {}
+
+
+def register(model: Model) -> Model:
+    if model.inputs not in ("features", "raw"):
+        raise ValueError(f"model {model.name!r}: inputs must be 'features' or 'raw'")
+    REGISTRY[model.name] = model
+    return model
+
+
+def get(name: str) -> Model:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise PipelineError(f"unknown --model {name!r}; use {', '.join(REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+register(Model("mlp", 1, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
+register(Model("linear", 1, "features", "pipeline.model:fit",
+               "no hidden layer, trained like the MLP (--depth, --hidden and --dropout do not apply)", fixed=LINEAR))
