@@ -514,3 +514,19 @@ def test_histogram_counts_off_the_host_are_numpy_exactly(monkeypatch):
     monkeypatch.setattr(reps, "_on_host", lambda t: False)
     test_histogram_counts_are_numpy_exactly()
     test_order_stats_are_a_sort_on_every_path(monkeypatch)
+
+
+NO_CUDA = "SKIPPED, NOT RUN: needs a CUDA GPU and torch.cuda.is_available() is False here; run `pytest -m cuda` on a GPU machine"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_cuda_gives_the_cpu_numbers(name):
+    """The same inputs on CUDA: the CPU's numbers within float32 rounding (reductions run in another order there)."""
+    rep = REGISTRY[name]
+    for inputs in _all_inputs(rep):
+        want = rep(*inputs)
+        got = rep(*[t.cuda() for t in inputs])
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-30)
