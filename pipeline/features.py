@@ -1,9 +1,9 @@
 """Stage 2: every requested representation of every layer, in one pass over the raw chunks.
 
 A task is one model chunk of one split (aligned with the raw chunks): it reads each module's A and
-B chunk once, moves them to the device once, computes every requested representation, and writes
-one region per representation. Outputs are preallocated and a task owns its region, so a rerun
-rewrites the same bytes. Per-task progress flags make an interrupted run resume; a representation
+B chunk once, moves them to the device once, computes every requested representation there, copies
+all its results to the host in one transfer, and writes one region per representation. Outputs are
+preallocated and a task owns its region, so a rerun rewrites the same bytes. Per-task progress flags make an interrupted run resume; a representation
 whose spec hash and source fingerprint match and that is complete is skipped.
 
 Why tasks span all modules of a chunk rather than one module: every zarr read or write costs
@@ -103,6 +103,18 @@ def compute_module(A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, reps) 
     return out
 
 
+def to_host(parts: list[torch.Tensor]) -> list[np.ndarray]:
+    """(n, w_i) float32 results on one device -> the same as host arrays, in one device->host copy.
+
+    Concatenated on the device, copied once, split into views on the host: a copy per result would be a
+    synchronisation each (about 45 per module for --rep all).
+    """
+    if not parts:
+        return []
+    host = torch.cat(parts, dim=1).cpu().numpy()
+    return np.split(host, np.cumsum([p.shape[1] for p in parts])[:-1], axis=1)
+
+
 # --- one task: read once, compute, write its own region -----------------------------------------------
 
 
@@ -130,6 +142,7 @@ def run_task(task: Task) -> tuple[int, int, str]:
     outputs = {rep.name: np.zeros((n, task.n_layers if rep.kind == "tensor" else len(task.modules), rep.width), np.float32)
                for rep in reps}
     nbytes = 0
+    results: list[tuple[str, int, torch.Tensor]] = []  # (representation, its column of the layer/module axis, on the device)
     for module in task.modules:
         group = raw[f"raw/{task.split}/{module.key}"]
         a = read_raw(group, "A", task.start, task.stop)
@@ -146,10 +159,11 @@ def run_task(task: Task) -> tuple[int, int, str]:
         scale = torch.from_numpy(module_scale(rank, alpha)).to(device)
         for name, value in compute_module(A, B, scale, reps).items():
             if isinstance(value, tuple):
-                outputs[name][:, module.layer_a] = value[0].cpu().numpy()
-                outputs[name][:, module.layer_b] = value[1].cpu().numpy()
+                results += [(name, module.layer_a, value[0]), (name, module.layer_b, value[1])]
             else:
-                outputs[name][:, module.index] = value.cpu().numpy()
+                results.append((name, module.index, value))
+    for (name, column, _), values in zip(results, to_host([value for *_, value in results])):  # the one copy
+        outputs[name][:, column] = values
     features = root[f"features/{task.split}"]
     for name, values in outputs.items():
         if not np.isfinite(values).all():

@@ -26,8 +26,8 @@ from .provenance import content_hash
 EPS = 1e-8  # the original experiment's guard, kept wherever it changes the numbers
 _HIST_BINS = 50
 _SELECT_ABOVE = 1 << 16  # _order_stats: rows longer than this are selected (numpy.partition), not sorted
-_DW_CHUNK_ELEMENTS = 1 << 24  # dw_quantiles forms at most this many dW entries at once (64 MB in float32)
-_MOMENT_CHUNK_ELEMENTS = 1 << 20  # dw_stats: float64 intermediates alive per batch chunk (8 MB)
+_DW_CHUNK_ELEMENTS = 1 << 24  # dw_quantiles (and dw_stats off the host) form at most this many dW entries at once
+_MOMENT_CHUNK_ELEMENTS = 1 << 20  # dw_stats on the host: float64 intermediates alive per batch step (8 MB)
 
 RANK_QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99)
 DIST_QUANTILES = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
@@ -253,6 +253,12 @@ def _pad_cols(v: torch.Tensor, k: int) -> torch.Tensor:
     return v
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether t is in host memory, where numpy's sort and a branch on a value cost no copy; on a device
+    (CUDA) either would copy to the host and wait for it, so the device paths take neither (same numbers)."""
+    return t.device.type == "cpu"
+
+
 def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row mean and unbiased std of (n, m); std is 0 for a single element (not NaN)."""
     mean = flat.mean(1)
@@ -297,7 +303,7 @@ def _order_stats(flat: torch.Tensor, positions: list[int]) -> torch.Tensor:
     Elsewhere (CUDA) one torch.sort.
     """
     positions = [int(p) for p in positions]
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and not flat.requires_grad:
+    if _on_host(flat) and flat.dtype in (torch.float32, torch.float64) and not flat.requires_grad:
         a = flat.numpy()
         if flat.shape[1] > _SELECT_ABOVE:
             a = np.partition(a, sorted(set(positions)), axis=1)
@@ -316,16 +322,60 @@ def _quantiles(flat: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
     return torch.lerp(picked[:, :k], picked[:, k:], weight.to(flat.device))
 
 
-def _svdvals(x: torch.Tensor) -> torch.Tensor:
-    """Singular values of each (rows, cols) matrix, descending: (n, min(rows, cols)).
+def _vector_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norms along dim, in x's dtype, safe from the overflow and underflow of float32 squares.
 
-    Same values, faster: LAPACK is ~100x slower on a wide row-major (1, 1280) than on its transpose
-    view, and a tall-skinny matrix (a LoRA factor) is first reduced to its small QR factor R.
+    LAPACK's nrm2 scales. Here the float32 norm stands where its squares can neither have overflowed
+    (above ~1.8e19 the norm is inf) nor lost digits below ~1e-19 (a norm under 1e-10 of a row that is
+    not all zeros: an all-zero row, a LoRA B at init, is exact); the other rows are recomputed from
+    float64 squares. Only those on the host (a float64 copy of every row costs ~8x the float32 norm);
+    off the host every norm is float64 (no branch on values).
     """
-    tall = x if x.shape[-2] >= x.shape[-1] else x.mT
-    if tall.shape[-2] > 2 * tall.shape[-1]:
-        tall = torch.linalg.qr(tall, mode="r").R
-    return torch.linalg.svdvals(tall)
+    if not _on_host(x) or x.dtype != torch.float32:
+        return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64).to(x.dtype)
+    norm = torch.linalg.vector_norm(x, dim=dim)
+    risky = ~(norm < math.inf)  # overflow (or NaN)
+    small = norm < 1e-10
+    if bool(small.any()):
+        risky |= small & ((x.amax(dim) > 0) | (x.amin(dim) < 0))
+    if bool(risky.any()):
+        norm[risky] = torch.linalg.vector_norm(x.movedim(dim, -1)[risky], dim=-1, dtype=torch.float64).to(x.dtype)
+    return norm
+
+
+def _gram_eigvalsh(G: torch.Tensor) -> torch.Tensor:
+    """(n, m, m) symmetric PSD float64 -> (n, m) eigenvalues, descending, clamped at 0.
+
+    One batched eigvalsh (cuSOLVER's batched Jacobi on CUDA up to m = 32: no call per matrix). At m = 1
+    the eigenvalue is the entry itself, which is what eigvalsh returns, without a LAPACK call per matrix.
+    The clamp removes the rounding of zero eigenvalues (rank-deficient or zero matrices) to +-eps ||G||.
+    """
+    w = G[..., 0] if G.shape[-1] == 1 else torch.linalg.eigvalsh(G).flip(-1)
+    return w.clamp(min=0)
+
+
+def _gram_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_gram_eigvalsh(G) and the eigenvectors, as columns in the same order: (n, m), (n, m, m)."""
+    if G.shape[-1] == 1:
+        return G[..., 0].clamp(min=0), torch.ones_like(G)
+    w, V = torch.linalg.eigh(G)
+    return w.flip(-1).clamp(min=0), V.flip(-1)
+
+
+def _svdvals(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of each (rows, cols) matrix, descending: (n, min(rows, cols)), in x's dtype.
+
+    The square roots of the eigenvalues of the float64 Gram matrix of the short side (m x m, m =
+    min(rows, cols): r for a LoRA factor), so one batched call whatever the long side (QR and SVD run
+    one cuSOLVER call per matrix above 32 or 256 rows). The Gram squares the condition number, hence
+    float64: products of float32 entries are exact there, and a singular value's error is about
+    sqrt(eps64) s_0 = 1.5e-8 s_0 at worst, below float32's rounding of s_0. A vector (m = 1): its norm.
+    """
+    if min(x.shape[-2:]) == 1:  # one singular value: the norm
+        return _vector_norm(x.flatten(1), 1)[:, None]
+    x64 = x.to(torch.float64)
+    gram = x64 @ x64.mT if x.shape[-2] <= x.shape[-1] else x64.mT @ x64
+    return _gram_eigvalsh(gram).sqrt().to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,8 +486,9 @@ def _histogram_counts(flat: torch.Tensor, bins: int = _HIST_BINS) -> torch.Tenso
     goes to bin k when edge_k <= v < edge_{k+1}; the last bin is closed. The bin is computed as numpy
     does (floor((v - first) / step), then one correction each way against the edges) and checked
     against the edges: when any value fails the check (NaN, degenerate edges) the whole batch is
-    binned by searchsorted instead, which is the definition (the arithmetic is 2x faster). Integer
-    counts keep scatter_add deterministic on CUDA.
+    binned by searchsorted instead, which is the definition (the arithmetic is 2x faster). Off the host
+    (_on_host) every value is binned both ways and the checked one kept: the same counts with no copy to
+    the host. Integer counts keep scatter_add deterministic on CUDA.
     """
     lo, hi = flat.amin(1), flat.amax(1)
     same = lo == hi
@@ -453,7 +504,9 @@ def _histogram_counts(flat: torch.Tensor, bins: int = _HIST_BINS) -> torch.Tenso
     idx.clamp_(min=0)
     idx += ((flat >= edges.gather(1, idx + 1)) & (idx < bins - 1)).long()
     ok = ((edges.gather(1, idx) <= flat) | (idx == 0)) & ((flat < edges.gather(1, idx + 1)) | (idx == bins - 1))
-    if not bool(ok.all()):
+    if not _on_host(flat):  # asking whether any value failed would be a copy to the host: bin every value both ways
+        idx = torch.where(ok, idx, (torch.searchsorted(edges, flat.contiguous(), right=True) - 1).clamp(0, bins - 1))
+    elif not bool(ok.all()):
         idx = (torch.searchsorted(edges, flat.contiguous(), right=True) - 1).clamp(0, bins - 1)
     counts = torch.zeros(flat.shape[0], bins, dtype=torch.int64, device=flat.device)
     return counts.scatter_add(1, idx, torch.ones_like(idx))
@@ -497,21 +550,51 @@ def ensemble(x: torch.Tensor, params: NoParams) -> torch.Tensor:
 # Module kind: functions of dW = scale * B @ A only, hence invariant to (B G^-1, G A)
 
 
-def _qr_core(A: torch.Tensor, B: torch.Tensor):
-    """B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T; returns Q_B, Q_A and the small core.
+def _dw_gram(A: torch.Tensor, B: torch.Tensor):
+    """The factored Gram form of dW = B A, float64: (A, B, L, G_B, M), never forming dW.
 
-    Shapes: Q_B (n, out, p), Q_A (n, in, q), core (n, p, q) with p, q <= r. Cost O((in + out) r^2).
+    A A^T = V D V^T (eigh), L = V D^(1/2), so A = L Q^T with Q^T = L^+ A orthonormal on the range of A
+    and sigma(B A) = sigma(B L); G_B = B^T B and M = L^T G_B L (r x r), whose eigenvalues are sigma(dW / scale)^2.
+    Shapes: A (n, r, in), B (n, out, r), L, G_B, M (n, r, r). Cost O((in + out) r^2 + r^3); two batched
+    r x r eigen-decompositions in all (this one, and M's by the caller). A zero or rank-deficient A gives
+    zero columns of L (its eigenvalues clamped at 0), hence zero rows of M: no division, no NaN.
     """
-    qb, rb = torch.linalg.qr(B)
-    qa, ra = torch.linalg.qr(A.transpose(1, 2))
-    return qb, qa, rb @ ra.transpose(1, 2)
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    d, V = _gram_eigh(A64 @ A64.mT)
+    L = V * d.sqrt()[:, None, :]
+    gram_b = B64.mT @ B64
+    return A64, B64, L, gram_b, L.mT @ gram_b @ L
 
 
 def _dw_singular_values(A, B, scale):
-    """(n, min(p, q)) singular values of dW, descending, never forming dW."""
+    """(n, r) singular values of dW, descending (zeros beyond its rank), never forming dW."""
     A, B = _as_float(A), _as_float(B)
-    _, _, core = _qr_core(A, B)
-    return scale.to(A.dtype).abs()[:, None] * torch.linalg.svdvals(core)
+    if A.shape[1] == 1:  # rank 1: ||a|| ||b||
+        s = _vector_norm(A, 2) * _vector_norm(B, 1)
+    else:
+        *_, M = _dw_gram(A, B)
+        s = _gram_eigvalsh(M).sqrt().to(A.dtype)
+    return scale.to(A.dtype).abs()[:, None] * s
+
+
+def _dw_factors(A, B, k: int):
+    """The top-k' = min(k, r) singular triplets of B A: s (n, k'), U (n, out, k'), V (n, in, k'), B A = U S V^T.
+
+    Rank 1: s = ||a|| ||b||, u = b / ||b||, v = a / ||a|| (in the input's dtype). Otherwise from the Gram
+    form (_dw_gram), float64: M = W S^2 W^T (eigh), u_j = B L w_j / s_j and v_j = (B A)^T u_j / s_j =
+    A^T G_B L w_j / s_j^2: no inverse of the factors, and for s_j = 0 (beyond the rank, dW = 0) u_j = v_j = 0.
+    """
+    if A.shape[1] == 1:
+        na, nb = _vector_norm(A, 2), _vector_norm(B, 1)  # (n, 1)
+        u = B / torch.where(nb > 0, nb, 1)[:, None, :]
+        v = A.mT / torch.where(na > 0, na, 1)[:, None, :]
+        return na * nb, u, v
+    A64, B64, L, gram_b, M = _dw_gram(A, B)
+    lam, W = _gram_eigh(M)
+    s = lam[:, :k].sqrt()
+    lw = L @ W[:, :, :k]  # (n, r, k')
+    safe = torch.where(s > 0, s, 1)[:, None, :]  # s_j = 0: B L w_j = 0 as well
+    return s, (B64 @ lw) / safe, (A64.mT @ (gram_b @ lw)) / (safe * safe)
 
 
 def dw_spectrum(A, B, scale, params: SpectrumParams) -> torch.Tensor:
@@ -560,8 +643,8 @@ def _factored_power_sums(U: torch.Tensor, V: torch.Tensor):
     r = U.shape[1]
     P = torch.cat([U[:, k:k + 1] * U[:, k:] for k in range(r)], 1)  # (n, t, out), pairs in triu order
     Q = torch.cat([V[:, k:k + 1] * V[:, k:] for k in range(r)], 1)
-    c = torch.cat([torch.full((r - k,), 2.0, dtype=U.dtype, device=U.device).index_fill_(0, torch.tensor([0], device=U.device), 1.0)
-                   for k in range(r)])
+    first, second = torch.triu_indices(r, r, device=U.device)  # the same pairs, made on the device
+    c = 2 - (first == second).to(U.dtype)
     gu, gv = U @ U.mT, V @ V.mT
     s2 = (gu * gv).sum((1, 2))
     s3 = ((P @ U.mT) * (Q @ V.mT) * c[:, None]).sum((1, 2))
@@ -582,18 +665,21 @@ def dw_stats(A, B, scale, params: NoParams) -> torch.Tensor:
     straight from dW formed chunk-wise. std is unbiased; skew = M3 / (std + 1e-8)^3 and kurt =
     M4 / (std + 1e-8)^4, i.e. mean z^3, z^4 with z = (x - mean) / (std + 1e-8) (kurtosis not excess).
     A central M2 within rounding of zero (a constant dW) gives std = skew = kurt = 0.
+
+    Batch steps: _dw_stats_step (cache-sized on the host; off it, the whole batch when factored).
     """
     n, r, fan_in = A.shape
     fan_out = B.shape[1]
     N = fan_in * fan_out
     A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    s64 = scale.to(device=A.device, dtype=torch.float64)
+    s64 = scale.to(torch.float64)
     mean = s64 * (B64.sum(1) * A64.sum(2)).sum(1) / N
+    if n == 0:
+        return A.new_zeros(0, 4, dtype=torch.float32)
     factored = _dw_moments_factored(r, fan_in, fan_out)
-    per_sample = 2 * (fan_in + fan_out) * (r * (r + 1) // 2 + r) if factored else 2 * N  # float64 alive at once
-    step = max(1, _MOMENT_CHUNK_ELEMENTS // max(per_sample, 1))
+    step = _dw_stats_step(n, r, fan_in, fan_out, factored, _on_host(A))
     sums = []
-    for start in range(0, n, step):  # chunks of the batch, not samples
+    for start in range(0, n, step):  # steps of the batch, not samples
         sl = slice(start, start + step)
         if factored:
             sums.append(torch.stack(_factored_power_sums(s64[sl, None, None] * B64[sl].mT, A64[sl]), 1))
@@ -602,8 +688,6 @@ def dw_stats(A, B, scale, params: NoParams) -> torch.Tensor:
         X2 = X * X
         dot = lambda a, b: (a[:, None, :] @ b[:, :, None]).flatten()  # noqa: E731 (no temporary)
         sums.append(torch.stack([X2.sum(1), dot(X2, X), dot(X2, X2), torch.zeros_like(X[:, 0])], 1))
-    if n == 0:
-        return A.new_zeros(0, 4, dtype=torch.float32)
     s2, s3, s4, bound = torch.cat(sums).unbind(1)
     if factored:  # raw -> central moments (per entry)
         mu = mean
@@ -620,6 +704,20 @@ def dw_stats(A, B, scale, params: NoParams) -> torch.Tensor:
     return _finish([mean, std, skew, kurt])
 
 
+def _dw_stats_step(n: int, r: int, fan_in: int, fan_out: int, factored: bool, on_host: bool) -> int:
+    """Adapters per batch step of dw_stats.
+
+    On the host, steps of _MOMENT_CHUNK_ELEMENTS float64 intermediates: they stay in cache (the whole
+    batch at once is ~2x slower on a CPU). Off the host, one launch per operator whatever the batch:
+    the whole batch in the factored form (float64 intermediates ~2 (r + 1) times the input), and
+    _DW_CHUNK_ELEMENTS entries of dW per step in the dense one (a memory bound).
+    """
+    per_sample = 2 * (fan_in + fan_out) * (r * (r + 1) // 2 + r) if factored else 2 * fan_in * fan_out
+    if on_host:
+        return max(1, _MOMENT_CHUNK_ELEMENTS // max(per_sample, 1))
+    return max(n, 1) if factored else max(1, _DW_CHUNK_ELEMENTS // max(fan_in * fan_out, 1))
+
+
 DW_QUANTILE_NAMES = quantile_names(DW_QUANTILES)
 
 
@@ -631,7 +729,7 @@ def dw_quantiles(A, B, scale, params: NoParams) -> torch.Tensor:
     chunk (_order_stats), not a sort.
     """
     A, B = _as_float(A), _as_float(B)
-    scale = scale.to(device=A.device, dtype=A.dtype)
+    scale = scale.to(A.dtype)
     per_sample = B.shape[1] * A.shape[2]
     step = max(1, _DW_CHUNK_ELEMENTS // max(per_sample, 1))
     outs = [A.new_zeros(0, len(DW_QUANTILES), dtype=torch.float32)]
@@ -679,25 +777,21 @@ def _column_stats(f: torch.Tensor) -> torch.Tensor:
 def dw_canonical(A, B, scale, params: CanonicalParams) -> torch.Tensor:
     """-> (n, 10 k): per top-k component j of dW, stats of U_j sqrt(s_j) then of V_j sqrt(s_j).
 
-    Thin SVD from the QR core (dW = scale Q_B core Q_A^T, core = Uc S Vc^T, U = Q_B Uc, V = Q_A Vc).
+    The top-k singular triplets of B A from _dw_factors (its Gram form, float64; closed forms at rank 1).
     Signs: the largest-|.| entry of each U column is made positive and V flipped the same way (and by
-    sign(scale)), so dW = U S V^T. Components with s_j <= s_0 * max(in, out) * eps (numerical zeros,
-    and all of them when dW = 0) and components beyond the rank give zeros. Stats per column (5):
-    mean, std, min, max, ||c||_1 / (sqrt(d) ||c||_2); they are independent of in/out.
+    sign(scale)), so dW = U S V^T. Components with s_j <= s_0 * max(in, out) * eps32 (numerical zeros
+    at the float32 output's resolution, and all of them when dW = 0) and components beyond the rank
+    give zeros. Stats per column (5): mean, std, min, max, ||c||_1 / (sqrt(d) ||c||_2); independent of in/out.
     """
     A, B = _as_float(A), _as_float(B)
-    qb, qa, core = _qr_core(A, B)
-    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
-    k = min(params.k, s.shape[1])
-    u = (qb @ uc)[:, :, :k]
-    v = (qa @ vch.transpose(1, 2))[:, :, :k]
+    s, u, v = _dw_factors(A, B, params.k)
     pick = u.abs().argmax(1, keepdim=True)
     sign = torch.gather(u, 1, pick).sign()
     sign = torch.where(sign == 0, 1, sign)
-    scale = scale.to(A.dtype)
-    scale_sign = torch.where(scale < 0, -1, 1).to(A.dtype)
-    sig = scale.abs()[:, None] * s[:, :k]
-    tol = sig[:, :1] * max(A.shape[2], B.shape[1]) * torch.finfo(A.dtype).eps
+    scale = scale.to(s.dtype)
+    scale_sign = torch.where(scale < 0, -1, 1).to(s.dtype)
+    sig = scale.abs()[:, None] * s
+    tol = sig[:, :1] * max(A.shape[2], B.shape[1]) * torch.finfo(torch.float32).eps
     root = torch.where(sig > tol, sig.clamp(min=0).sqrt(), 0)[:, None, :]
     fu = u * sign * root
     fv = v * sign * scale_sign[:, None, None] * root

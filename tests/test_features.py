@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from conftest import SMALL_LAYERS, assert_one_line_error, file_snapshot, lora_rows, materialize_to, run_cli, save_matrix_dataset
 from pipeline import features as features_mod
@@ -80,6 +82,78 @@ def test_every_raw_chunk_is_read_exactly_once_for_all_representations(store, mon
                 expected |= {(f"raw/{split}/{module['key']}", role, start) for role in ("A", "B")}
     assert set(reads) == expected
     assert set(reads.values()) == {1}
+
+
+class HostCopies(TorchFunctionMode):
+    """Counts, in a CPU run, the copies from the device to the host that the same run would make on a device.
+
+    A tensor is on the device when .to(device) moved it there or a factory made it there (device=), or
+    when it was computed from one that is; .cpu(), .numpy(), .tolist(), .item(), bool(), float(), int() of
+    one, or a .to(device) of one (the only move there is: the task has one device), copies it to the host.
+    """
+
+    TO_HOST = {"cpu", "numpy", "tolist", "item", "__bool__", "__float__", "__int__", "__index__", "__array__"}
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        on_device = any(getattr(t, "_on_device", False) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        moves = name == "to" and ("device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:]))
+        out = func(*args, **kwargs)
+        if on_device and (name in self.TO_HOST or moves):
+            self.copies.append(name)
+            mark = False
+        else:
+            mark = on_device or moves or "device" in kwargs
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                t._on_device = mark
+        return out
+
+
+def test_a_task_copies_its_results_to_the_host_once(store, monkeypatch):
+    """Every representation of every module of a chunk, on the device paths: one copy to the host, no other read."""
+    monkeypatch.setattr(representations, "_on_host", lambda t: False)  # what runs on CUDA: no numpy sort, no branch on values
+    plan = features_mod.plan_tasks(FeaturesConfig(store=str(store), reps="all,dw_quantiles", device="cpu", quiet=True))
+    try:
+        task = plan.tasks[0]
+        assert len(task.modules) == 4 and len(task.reps) == len(representations.REGISTRY)
+        with HostCopies() as counted:
+            features_mod.run_task(task)
+    finally:
+        for lease in plan.held:
+            lease.release()
+    assert counted.copies == ["cpu"]
+
+
+def _operators(fn) -> int:
+    """Operators fn dispatches from Python (the top-level events of torch.profiler: one launch each on a device)."""
+    fn()  # warm: lazy initialisation is not the count
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.cpu_parent is None)
+
+
+@pytest.mark.parametrize("names, shape, on_host", [("all,dw_quantiles", (4, 48, 80), True), ("all,dw_quantiles", (4, 48, 80), False),
+                                                    ("all", (8, 640, 1280), False)])
+def test_operators_per_module_do_not_grow_with_the_batch(monkeypatch, names, shape, on_host):
+    """Every representation of one module, 2 adapters and 16: the same operators (no loop over adapters).
+
+    Off the host at an SD shape too, where dw_stats takes the batch in one step (on the host it steps
+    through it in cache-sized steps, ~6 adapters at 640 -> 1280 and r = 8: a CPU speed choice).
+    """
+    monkeypatch.setattr(representations, "_on_host", lambda t: on_host)
+    g = torch.Generator().manual_seed(0)
+    r, fan_in, fan_out = shape
+    A, B = torch.randn(16, r, fan_in, generator=g), 1e-2 * torch.randn(16, fan_out, r, generator=g)
+    scale = 0.5 + torch.rand(16, generator=g)
+    reps = representations.resolve(names)
+    counts = [_operators(lambda n=n: features_mod.compute_module(A[:n], B[:n], scale[:n], reps)) for n in (2, 16)]
+    assert counts[0] == counts[1], counts
 
 
 def test_a_rerun_skips_up_to_date_representations_without_writing(store):

@@ -381,3 +381,152 @@ def test_scalar_scale_convenience():
     rep = get("dw_norms")
     assert torch.equal(rep(A, B, 2.0), rep(A, B, torch.full((3,), 2.0)))
     assert math.isclose(float(rep(A, B, 2.0)[0, 0]), 2 * float(rep(A, B, 1.0)[0, 0]), rel_tol=1e-6)
+
+
+# --- batched linear algebra: spectra from float64 Gram matrices; the device paths -------------------
+
+
+def conditioned(n, rows, cols, decades, seed, scale=1.0):
+    """(n, rows, cols) float32 with singular values 10^0 ... 10^-decades (log-spaced), random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    m = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(n, rows, m, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, cols, m, generator=g, dtype=torch.float64))
+    s = 10.0 ** torch.linspace(0, -decades, m, dtype=torch.float64)
+    return (scale * (u * s) @ v.mT).float()
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("decades", [0, 3, 6])
+def test_singular_values_are_float64_accurate(r, decades):
+    """Tensors and dW (condition up to 1e6): within 1 eps32 x s_0 of numpy's float64 SVD of the float32 values.
+
+    The float64 Gram squares the condition number (1e12) and still resolves 1e-8 s_0: what is left is the
+    float32 output's rounding. The QR path this replaced was off by up to ~12 eps32 x s_0 here."""
+    eps = np.finfo(np.float32).eps
+    x = conditioned(4, r, 160, decades, seed=r)
+    for t in (x, x.mT.contiguous()):  # wide (down) and tall (up)
+        ref = np.linalg.svd(t.double().numpy(), compute_uv=False)
+        got = reps._svdvals(t).double().numpy()
+        assert got.shape == ref.shape and (np.abs(got - ref) <= eps * ref[:, :1]).all(), np.abs(got - ref).max()
+    A, B = conditioned(4, r, 96, decades, seed=10 + r), conditioned(4, 128, r, decades, seed=20 + r, scale=1e-3)
+    scale = torch.tensor([-2.0, 0.5, 0.0, 1.5])
+    ref = np.abs(scale.double().numpy())[:, None] * np.linalg.svd(B.double().numpy() @ A.double().numpy(), compute_uv=False)[:, :r]
+    got = reps._dw_singular_values(A, B, scale).double().numpy()
+    assert (np.abs(got - ref) <= eps * ref[:, :1] + 1e-30).all(), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("r", [2, 8, 16])
+@pytest.mark.parametrize("name", ["dw_spectrum", "dw_norms", "dw_canonical"])
+def test_module_spectra_reference_at_higher_rank(name, r):
+    """The reference check beyond r = 4, and r > in (dW's rank is in: the rest are zeros)."""
+    rep = REGISTRY[name]
+    for shape in [(r, 24, 40), (r, 6, 40)]:
+        A, B, s = module_batch(5, *shape, seed=30 + r, negative=True)
+        ref = [REFERENCES[name](a, b, sc, rep.params) for a, b, sc in zip(A.numpy(), B.numpy(), s.numpy())]
+        _assert_matches(rep(A, B, s), ref, f"{name} {shape}")
+
+
+def test_zero_padded_ranks_give_exact_zero_singular_values():
+    """The store zero-pads ragged ranks: the padding's singular values are exactly 0, as they were (not rounding)."""
+    g = torch.Generator().manual_seed(16)
+    A, B = torch.randn(4, 16, 320, generator=g), 1e-2 * torch.randn(4, 640, 16, generator=g)
+    A[:, 5:], B[:, :, 5:] = 0, 0
+    for t in (A, B):
+        s = reps._svdvals(t)
+        assert (s[:, :5] > 0).all() and torch.equal(s[:, 5:], torch.zeros(4, 11))
+    s = reps._dw_singular_values(A, B, torch.ones(4))
+    assert (s[:, :5] > 0).all() and torch.equal(s[:, 5:], torch.zeros(4, 11))
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_zero_factors_give_exact_zeros(r):
+    """An all-zero B (LoRA at init) or A: zeros from every spectrum, no NaN, tensor and module kind alike."""
+    A, B, s = module_batch(3, r, 24, 40)
+    for a, b in ((A, torch.zeros_like(B)), (torch.zeros_like(A), B), (torch.zeros_like(A), torch.zeros_like(B))):
+        for name in MODULE:
+            out = REGISTRY[name](a, b, s)
+            assert torch.equal(out, torch.zeros_like(out)), name
+    for name in ("spectral", "matrix_norms"):
+        out = REGISTRY[name](torch.zeros(3, 40, r))
+        assert torch.equal(out, torch.zeros_like(out)), name
+
+
+def test_vector_norm_neither_overflows_nor_underflows():
+    """The rank-1 closed forms: norms of float32 vectors whose squares overflow or underflow float32."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(6, 1, 300, generator=g) * torch.tensor([1.0, 1e30, 1e-30, 0.0, 1e-21, 3e19])[:, None, None]
+    want = torch.linalg.vector_norm(x.double(), dim=2).float()
+    for on_host in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(reps, "_on_host", lambda t, on_host=on_host: on_host)
+            got = reps._vector_norm(x, 2)
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+
+
+def test_eigenvalues_at_m_1_are_the_entry():
+    """The m = 1 shortcut of the Gram eigen-decompositions is what eigh returns (without a call per matrix)."""
+    G = torch.rand(5, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    w, V = torch.linalg.eigh(G)
+    assert torch.equal(reps._gram_eigvalsh(G), w) and torch.equal(reps._gram_eigh(G)[0], w)
+    assert torch.equal(reps._gram_eigh(G)[1], V)
+
+
+def _all_inputs(rep):
+    if rep.kind == "tensor":
+        shapes = TENSOR_SHAPES + [(8, 24)]
+        return [(tensor_batch(5, *shape, seed=19),) for shape in shapes] + degenerate_inputs(rep)
+    return [module_batch(5, *shape, seed=19, negative=True) for shape in MODULE_SHAPES + [(8, 24, 40)]] + degenerate_inputs(rep)
+
+
+# Off the host these differ from the host's path by rounding only: float64 norms at rank 1, dw_stats' batch steps.
+ROUNDED_OFF_THE_HOST = {"spectral", "matrix_norms", "ensemble", "dw_spectrum", "dw_norms", "dw_canonical", "dw_stats"}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_device_paths_give_the_host_numbers(name, monkeypatch):
+    """What runs off the host (CUDA): torch.sort for numpy's, histogram bins without a branch on the values,
+    float64 norms, dw_stats in one batch step. The same numbers (bit for bit, or within float32 rounding
+    where the arithmetic differs), and the reference check on that path."""
+    rep = REGISTRY[name]
+    every = _all_inputs(rep)
+    host = [rep(*inputs) for inputs in every]
+    monkeypatch.setattr(reps, "_on_host", lambda t: False)
+    monkeypatch.setattr(reps, "_MOMENT_CHUNK_ELEMENTS", 1)  # on the host: one adapter per dw_stats step
+    for inputs, want in zip(every, host):
+        got = rep(*inputs)
+        if name in ROUNDED_OFF_THE_HOST:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()) + 1e-30)
+        else:
+            assert torch.equal(got, want), f"{name}: {[tuple(t.shape) for t in inputs]}"
+    if rep.kind == "tensor":
+        for shape in TENSOR_SHAPES:
+            x = tensor_batch(5, *shape, seed=11)
+            _assert_matches(rep(x), [REFERENCES[name](m) for m in x.numpy()], name)
+    else:
+        for shape in MODULE_SHAPES:
+            A, B, s = module_batch(5, *shape, seed=12, negative=True)
+            ref = [REFERENCES[name](a, b, sc, rep.params) for a, b, sc in zip(A.numpy(), B.numpy(), s.numpy())]
+            _assert_matches(rep(A, B, s), ref, name)
+
+
+def test_histogram_counts_off_the_host_are_numpy_exactly(monkeypatch):
+    monkeypatch.setattr(reps, "_on_host", lambda t: False)
+    test_histogram_counts_are_numpy_exactly()
+    test_order_stats_are_a_sort_on_every_path(monkeypatch)
+
+
+NO_CUDA = "SKIPPED, NOT RUN: needs a CUDA GPU and torch.cuda.is_available() is False here; run `pytest -m cuda` on a GPU machine"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_cuda_gives_the_cpu_numbers(name):
+    """The same inputs on CUDA: the CPU's numbers within float32 rounding (reductions run in another order there)."""
+    rep = REGISTRY[name]
+    for inputs in _all_inputs(rep):
+        want = rep(*inputs)
+        got = rep(*[t.cuda() for t in inputs])
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-30)
