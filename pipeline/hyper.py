@@ -10,7 +10,7 @@ trainer so that reading them imports no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def _(default, help: str):  # noqa: A002 - the name click and argparse give it
@@ -34,4 +34,4 @@ class Hyper:
     plateau_factor: float = _(0.5, "What the learning rate is multiplied by when it is lowered.")
 
 
-LINEAR = {"depth": 0, "hidden": 0, "dropout": 0.0}  # what a linear model trains with: no hidden layer, nothing to drop
+NONE = {f.name: type(f.default)(0) for f in fields(Hyper)}  # a model that takes none of them: each recorded as 0
