@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .models import Fitted
 
 GRID = tuple(float(c) for c in np.logspace(-4, 4, 10))  # C: scikit-learn LogisticRegressionCV's default (Cs=10)
-TOL = 1e-10  # L-BFGS stops a problem when max |gradient| of its objective / n is below this (scikit-learn's tol: 1e-4)
+TOL = 1e-10  # L-BFGS stops a problem when max |gradient| of its objective / n (preconditioned) is below this
 MAX_ITER = 1000
 HISTORY = 10  # L-BFGS correction pairs (scipy's maxcor, what scikit-learn's lbfgs uses)
 ARMIJO = 1e-4
@@ -86,9 +86,10 @@ def lbfgs(objective, x: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER
         pairs.append((torch.where(curved[:, None], s, 0.0), torch.where(curved[:, None], y, 0.0),
                       torch.where(curved, 1 / sy.clamp(min=torch.finfo(x.dtype).tiny), 0.0)))
         pairs = pairs[-history:]
-        # scipy's L-BFGS-B stops (what scikit-learn's lbfgs runs): max |grad| <= tol, or a relative decrease of at
-        # most FTOL (below it f is rounding noise, and Armijo's test with it); or no step improved f at all
-        small = (f - new_f) <= FTOL * torch.maximum(torch.maximum(f.abs(), new_f.abs()), torch.ones_like(f))
+        # scipy's L-BFGS-B stops (what scikit-learn's lbfgs runs): max |grad| <= tol, or a full step that decreased
+        # f by at most FTOL relative (below it f is rounding noise, and Armijo's test with it; a step cut short by
+        # the backtracking says nothing); or no step improved f at all
+        small = (step == 1) & ((f - new_f) <= FTOL * torch.maximum(torch.maximum(f.abs(), new_f.abs()), torch.ones_like(f)))
         x, f, g = new_x, new_f, new_g
         active &= ~pending & ~small & (g.abs().amax(1) > tol)
     return x, iterations
@@ -98,34 +99,55 @@ def _with_intercept(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
 
 
+def row_space(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n, d) = U S V^T: V (d, k), an orthonormal basis of x's row space, and S (k,), k its numerical rank.
+
+    From one eigendecomposition of the smaller Gram matrix (X X^T when d > n, else X^T X); directions whose
+    singular value is below rounding (relative max(n, d) eps of the largest, on the squares) are dropped.
+    """
+    n, d = x.shape
+    lam, vectors = torch.linalg.eigh(x @ x.T if d > n else x.T @ x)
+    keep = lam > lam[-1].clamp(min=0) * max(n, d) * torch.finfo(x.dtype).eps
+    s = lam[keep].sqrt()
+    return (x.T @ (vectors[:, keep] / s) if d > n else vectors[:, keep]), s
+
+
 def logistic_path(x: torch.Tensor, y: torch.Tensor, k: int, grid) -> torch.Tensor:
     """scikit-learn's L2 logistic regression for each C of ``grid``: x (n, d), y (n,) codes 0..k-1 (k >= 2).
 
     Returns (G, d + 1, k) (multinomial) or (G, d + 1, 1) (binary, k = 2), the intercept last along d + 1.
     Each problem is scaled by 1 / (C n) (scikit-learn scales by 1 / n too): mean loss + ||W||^2 / (2 C n).
+
+    Solved in x's row space, where an L2-penalised W lies (a component outside it changes no logit and only
+    adds penalty): W = V D beta, V from ``row_space``, so the problem has min(n, d) weights per class, and D the
+    diagonal preconditioner 1 / sqrt(s^2 / (4 n) + 1 / (C n)), one over the root of the objective's curvature
+    along each principal direction (a logistic loss curves at most 1/4): L-BFGS then sees a problem of
+    condition near 1 where the features' own spectrum spans many decades. An exact change of variables.
     """
-    n, d = x.shape
-    x1 = _with_intercept(x)
-    width = 1 if k == 2 else k
-    penalty = (1 / (torch.tensor(grid, dtype=x.dtype, device=x.device) * n))[:, None, None]
-    penalised = torch.ones(d + 1, 1, dtype=x.dtype, device=x.device)
-    penalised[-1] = 0  # the intercept
+    n, _ = x.shape
+    v, s = row_space(x)
+    z = x @ v  # (n, r): U S
+    r, width, grid_size = z.shape[1], 1 if k == 2 else k, len(grid)
+    penalty = 1 / (torch.tensor(grid, dtype=x.dtype, device=x.device) * n)  # (G,)
+    scale = torch.rsqrt(s[None] ** 2 / (4 * n) + penalty[:, None])[:, :, None]  # D (G, r, 1)
     target = y.to(x.dtype)[None, :, None] if k == 2 else F.one_hot(y, k).to(x.dtype)
 
     def objective(flat):
-        w = flat.view(len(grid), d + 1, width)
-        z = x1 @ w  # (G, n, width)
+        beta = flat.view(grid_size, r + 1, width)
+        w = scale * beta[:, :r]  # V^T W (G, r, width)
+        logits = z @ w + beta[:, r:]  # (G, n, width); the intercept last, unscaled and unpenalised
         if k == 2:
-            loss = F.softplus(z).sub(target * z).mean((1, 2))  # log(1 + e^z) - y z
-            dz = (torch.sigmoid(z) - target) / n
+            loss = F.softplus(logits).sub(target * logits).mean((1, 2))  # log(1 + e^z) - y z
+            dz = (torch.sigmoid(logits) - target) / n
         else:
-            loss = (torch.logsumexp(z, -1) - (z * target).sum(-1)).mean(1)
-            dz = (torch.softmax(z, -1) - target) / n
-        wp = w * penalised
-        return loss + 0.5 * (penalty * wp * wp).sum((1, 2)), (x1.T @ dz + penalty * wp).reshape(len(grid), -1)
+            loss = (torch.logsumexp(logits, -1) - (logits * target).sum(-1)).mean(1)
+            dz = (torch.softmax(logits, -1) - target) / n
+        grad = torch.cat([scale * (z.T @ dz + penalty[:, None, None] * w), dz.sum(1, keepdim=True)], 1)
+        return loss + 0.5 * penalty * (w * w).sum((1, 2)), grad.reshape(grid_size, -1)
 
-    flat, _ = lbfgs(objective, torch.zeros(len(grid), (d + 1) * width, dtype=x.dtype, device=x.device))
-    return flat.view(len(grid), d + 1, width)
+    flat, _ = lbfgs(objective, torch.zeros(grid_size, (r + 1) * width, dtype=x.dtype, device=x.device))
+    beta = flat.view(grid_size, r + 1, width)
+    return torch.cat([v @ (scale * beta[:, :r]), beta[:, r:]], 1)
 
 
 def ridge_path(x: torch.Tensor, y: torch.Tensor, grid) -> torch.Tensor:

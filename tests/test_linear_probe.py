@@ -46,7 +46,9 @@ def test_logistic_path_is_scikit_learn_at_every_c(classes):
         coef, intercept = weights[g, :-1].numpy().T, weights[g, -1].numpy()
         assert coef.shape == ref.coef_.shape  # binary: one weight vector, as scikit-learn fits it
         assert relative(coef, ref.coef_) < 1e-3, c
-        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-3, atol=1e-6)
+        # scikit-learn stops on its relative decrease (scipy's ftol) first: at C = 1e-4 its intercept is off by ~3e-6
+        # (its gradient there is ~7e-7, the probe's ~5e-10; measured)
+        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-3, atol=1e-5)
         np.testing.assert_array_equal(out[g].argmax(-1).numpy(), ref.predict(x.astype(np.float64)))
 
 
