@@ -4,9 +4,10 @@ LoRA factors; pure torch, no store.
 dsire.py's steps, in its order:
 - *voters*: per module, the singular values of A (down), of B (up) and of their product B A (``svd``,
   ``prepare_BA_matrix``), the top r of each, r the LoRA rank (``--rank`` is both ``svd_lowrank``'s q and
-  ``num_svd``; here the module's stored rank, so a module whose rank varies has zeros after an adapter's own). Their order (the order of the votes): A then B of each module, in stored order, then B A of each
-  module (dsire.py's ``{**svd of the factors, **svd of the products}``). The product is B A as stored, without
-  the LoRA scale, as dsire.py forms it; a scale shared by all adapters changes no prediction (below).
+  ``num_svd``; here the module's stored rank, so a module whose rank varies has zeros after an adapter's own).
+  Their order (the order of the votes): A then B of each module, in stored order, then B A of each module
+  (dsire.py's ``{**svd of the factors, **svd of the products}``). The product is B A as stored, without the
+  LoRA scale, as dsire.py forms it; a scale shared by all adapters changes no prediction (below).
 - *scale*: one global min-max, (v - min) / (max - min), min and max over every value of every voter of the
   training split (``get_min_max``, which starts from min 1000 and max 0, kept), applied to every split. (A
   positive affine map of all values: each voter's nearest neighbours stay the same; it is kept to be exact.)
@@ -51,8 +52,8 @@ def voters(raw: RawFactors) -> list[torch.Tensor]:
 
     From the r x r Gram matrices, so no (out, in) product is formed: N = A A^T and M = B^T B hold the squared
     singular values of A and B, and N^1/2 M N^1/2 those of B A (B A A^T B^T has the nonzero eigenvalues of
-    M N). One batched eigendecomposition per voter (a few r x r matrices per adapter: cheap on a GPU, where a
-    QR or SVD of the tall factors is one solver call per matrix); float64, so the squares cost no precision
+    M N). Batched eigendecompositions of r x r matrices, not QRs or SVDs of the tall factors (on the CPU a
+    batched QR of them took twice as long, per-matrix solver calls); float64, so the squares cost no precision
     that matters here (relative 1e-16 of the largest value, squared).
     """
     factors, products = [], []
