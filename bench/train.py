@@ -1,6 +1,8 @@
-"""Benchmark, run by hand: the original training loop vs `pipeline train`, on the same stored features.
+"""Benchmark, run by hand: the original training loop vs `pipeline train`, on the same stored features; or
+(--models) the registered models against the MLP.
 
     python bench/train.py [--n 2000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
+    python bench/train.py --models [--n 5000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
 
 On the --n adapter synthetic store (built under stores/bench/ with the requested representations if
 missing), for each representation, with every layer and the original hyper-parameters:
@@ -14,6 +16,12 @@ including reading the features and writing the runs. (a) reports the test accura
 
 ``original_run`` is the loop as the original ran it, costs included (sklearn metrics every epoch); the
 tests' oracle, tests/reference.py, is the same loop without them.
+
+--models (default --n 5000), all in this one process, each `pipeline train` call with --force: (1) one run of
+every registered model, every layer, on `ensemble` features (a model that reads the raw factors: on them),
+timed by `train` (its fit) and around it (with reading the data and writing the run); (2) the whole grid,
+every --reps representation x all/visual/text x --runs runs, of the MLP, of the linear probe, and knn-vote's
+(the raw factors x all/visual/text), and the share of the MLP grid's time the two take (target: under 5%).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +40,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline import models as models_mod  # noqa: E402
 from pipeline import store as store_mod  # noqa: E402
 from pipeline.model import Hyper  # noqa: E402
 from pipeline.train import Setup, TrainConfig, load_data, train  # noqa: E402
 
 ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
                  "info_theoretic", "ensemble")
+LAYER_SETS = "all,visual,text"
 
 
 def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp: Hyper, n_classes: int, device="cpu"):
@@ -142,22 +153,27 @@ def original_seconds_per_run(path: str | Path, reps, device: str = "cpu", seed: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=None, help="adapters (default 2000; with --models 5000)")
     parser.add_argument("--reps", default=",".join(ORIGINAL_REPS))
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--home", default=str(ROOT / "stores" / "bench"))
+    parser.add_argument("--models", action="store_true", help="the registered models against the MLP (above)")
     args = parser.parse_args()
     import sklearn.metrics  # noqa: F401  (imported before timing: its import takes seconds)
 
     reps = tuple(r.strip() for r in args.reps.split(",") if r.strip())
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    path = ensure_store(args.n, reps, Path(args.home))
+    n = args.n or (5000 if args.models else 2000)
+    if args.models:
+        models_benchmark(ensure_store(n, tuple(dict.fromkeys((*reps, "ensemble"))), Path(args.home)), reps, args, device, n)
+        return
+    path = ensure_store(n, reps, Path(args.home))
     config = TrainConfig(store=path, runs=args.runs, epochs=args.epochs, device=device, force=True, quiet=True)
     hp = config.hyper()
     root = store_mod.open_root(path)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, n {args.n}, {args.runs} runs, <= {args.epochs} epochs")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, n {n}, {args.runs} runs, <= {args.epochs} epochs")
     rows = []
     for rep in reps:
         data = load_data(root, path, Setup((rep,), "all"), config.label)
@@ -177,6 +193,50 @@ def main() -> None:
                      [o["test_best"] for o in originals], accs_b))
         print(f"{rep:15} a {seconds_a:8.1f} s   b {seconds_b:8.1f} s   a/b {seconds_a / seconds_b:6.1f}", flush=True)
     _print_table(rows)
+
+
+def _timed_train(config: TrainConfig) -> tuple[float, float, list]:
+    """(wall seconds of ``train``, seconds its fits took, its results)."""
+    started = time.perf_counter()
+    summary = train(config)
+    return time.perf_counter() - started, sum(r.seconds for r in summary.results), summary.results
+
+
+def models_benchmark(path: str, reps: tuple[str, ...], args, device: str, n: int) -> None:
+    """--models: one run of each registered model on `ensemble` (or the raw factors), then the grids."""
+    base = TrainConfig(store=path, epochs=args.epochs, device=device, force=True, quiet=True)
+    if device == "cuda":  # the context and the kernels' first load are no model's cost
+        torch.ones(1, device=device).sum().item()
+    print(f"device {device}, torch threads {torch.get_num_threads()}, n {n}; one process, every train call --force")
+    print()
+    print("| model | input | width | train (s) | its fit (s) | x MLP (fit) | test score |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    mlp_fit = None
+    for name, model in models_mod.REGISTRY.items():
+        rep = models_mod.RAW if model.inputs == "raw" else "ensemble"
+        if "classification" not in model.tasks:
+            continue  # the bench store's label is a classification label
+        wall, fit, (result,) = _timed_train(replace(base, model=name, reps=rep, layers="all", runs=1))
+        mlp_fit = fit if name == "mlp" else mlp_fit
+        ratio = f"{fit / mlp_fit:.3f}" if mlp_fit else ""
+        print(f"| {name} | {rep} | {result.width} | {wall:.2f} | {fit:.2f} | {ratio} | {result.test_score:.3f} |", flush=True)
+    print()
+    grids = {"mlp": ",".join(reps), "linear": ",".join(reps), "knn-vote": models_mod.RAW}
+    print(f"whole grids: {len(reps)} representations (knn-vote: the raw factors) x {LAYER_SETS} x {args.runs} runs")
+    print()
+    print("| model | configurations | train (s) | its fits (s) | share of the MLP grid (train) | (fits) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    times = {}
+    for name, grid_reps in grids.items():
+        wall, fit, results = _timed_train(replace(base, model=name, reps=grid_reps, layers=LAYER_SETS, runs=args.runs))
+        times[name] = (wall, fit)
+        mlp_wall, mlp_fit = times["mlp"]
+        print(f"| {name} | {len(results)} | {wall:.1f} | {fit:.1f} | {wall / mlp_wall:.2%} | {fit / mlp_fit:.2%} |", flush=True)
+    both = [times["linear"][k] + times["knn-vote"][k] for k in (0, 1)]
+    print(f"| linear + knn-vote | | {both[0]:.1f} | {both[1]:.1f} | {both[0] / times['mlp'][0]:.2%} | "
+          f"{both[1] / times['mlp'][1]:.2%} |")
+    print(f"\ntarget: linear + knn-vote under 5% of the MLP grid's time: "
+          f"{'met' if both[0] < 0.05 * times['mlp'][0] else 'NOT met'} (train wall time)")
 
 
 def _print_table(rows) -> None:

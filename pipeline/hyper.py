@@ -38,7 +38,7 @@ class Hyper:
     plateau_factor: float = _(0.5, "What the learning rate is multiplied by when it is lowered.")
 
 
-LINEAR = {"depth": 0, "hidden": 0, "dropout": 0.0}  # what a linear model trains with: no hidden layer, nothing to drop
+NONE = {f.name: type(f.default)(0) for f in fields(Hyper)}  # a model that takes none of them: each recorded as 0
 
 
 def unset_by_default(cls):

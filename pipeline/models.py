@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from .errors import PipelineError
-from .hyper import LINEAR, Hyper
+from .hyper import NONE, Hyper
 
 TASKS = ("classification", "regression")
 RAW = "raw"  # what a raw-input model's configurations name as their representation: the LoRA factors themselves
@@ -104,8 +104,12 @@ def names() -> list[str]:
 
 
 register(Model("mlp", 1, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
-register(Model("linear", 1, "features", "pipeline.model:fit",
-               "no hidden layer, trained like the MLP (--depth, --hidden and --dropout do not apply)", fixed=LINEAR))
+register(Model("linear", 2, "features", "pipeline.linear_probe:fit",
+               "a converged L2 logistic regression (ridge for regression), full batch (L-BFGS), C chosen on val from "
+               "10^-4..10^4; takes none of the MLP's hyper-parameters", fixed=NONE))
+register(Model("knn-vote", 1, "raw", "pipeline.knn_vote:fit",
+               "DSiRe's vote of per-module 1-nearest-neighbours on the singular values of A, B and BA (classification "
+               "only; --rep raw); takes none of the MLP's hyper-parameters", tasks=("classification",), fixed=NONE))
 # The two that learn from the raw factors (docs/train.md, "Models on the raw factors"): their presets are their
 # papers' settings (LoL's diffusion scripts; MVProbe's train_*_probex.py); neither has dropout.
 register(Model("glnet", 1, "raw", "pipeline.glnet:fit",

@@ -268,6 +268,14 @@ def load_labels(root: zarr.Group, path: str, label: str | None, task: str = "aut
     return keep, y, task, classes
 
 
+def check_task(model_name: str, task: str, label: str) -> None:
+    """The model takes the label's task (knn-vote: classification only), or one line that says which it takes."""
+    model = models.get(model_name)
+    if task not in model.tasks:
+        raise PipelineError(f"--model {model.name} does not do {task} (label {label!r}); it does {', '.join(model.tasks)}: "
+                            "choose another --model, --label or --task")
+
+
 def check_fresh(root: zarr.Group, path: str, name: str, on_wait=None) -> None:
     """The representation is complete and up to date in every split, or a one-line error with the fix.
 
@@ -629,6 +637,7 @@ def train(config: TrainConfig, on_result=None, on_wait=None, progress=None) -> T
             check_fresh(root, config.store, name,
                         on_wait=(lambda split, h, name=name: on_wait(f"features {name} on {split}", h)) if on_wait else None)
     _, targets, task, _ = load_labels(root, config.store, config.label, config.task)
+    check_task(config.model, task, config.label)
     if task == "regression":
         target_scale(targets, config.label)
     summary = TrainSummary()

@@ -12,8 +12,8 @@ import zarr
 
 from . import models, rawdata, store
 from .errors import PipelineError
-from .train import (SPLITS, Data, Setup, TrainConfig, axis_names, check_fresh, check_splits, config_dict, config_hash,
-                    feature_home, finished_runs, load_labels, plan_grid, resolve_label, select)
+from .train import (SPLITS, Data, Setup, TrainConfig, axis_names, check_fresh, check_splits, check_task, config_dict,
+                    config_hash, feature_home, finished_runs, load_labels, plan_grid, resolve_label, select)
 
 
 @dataclass
@@ -45,16 +45,37 @@ class Plan:
         return None if self.seconds_per_gflop is None else sum(p.seconds or 0.0 for p in self.configurations)
 
 
-def _parameters(width: int, classes: int, hp: dict, model: str) -> int:
+LBFGS_EVALUATIONS = 300  # a typical count for the linear probe's whole grid (pipeline/linear_probe.py; at most ~MAX_ITER)
+
+
+def _parameters(width: int, classes: int, hp: dict) -> int:
     """Weights of one run's network (the matmul FLOPs per row are twice this)."""
-    if model == "linear" or hp["depth"] == 0:
+    if hp["depth"] == 0:
         return width * classes
     return width * hp["hidden"] + (hp["depth"] - 1) * hp["hidden"] ** 2 + hp["hidden"] * classes
 
 
-def _run_flops(width: int, classes: int, hp: dict, model: str, n: dict, epochs: float) -> float:
-    """About 6 FLOPs per weight per training row (forward and backward) and 2 per validation row, per epoch."""
-    return _parameters(width, classes, hp, model) * (6 * n["train"] + 2 * n["val"]) * epochs
+def _flops(width: int, classes: int, hp: dict, model: str, n: dict, epochs: float, runs: int, voter_values: int = 0) -> float:
+    """FLOPs of training ``runs`` runs of one configuration. Epoch-trained models: about 6 per weight per training
+    row (forward and backward) and 2 per validation row, per epoch, per run. The deterministic models fit once for
+    all runs: linear, about 4 per weight per training row per L-BFGS evaluation, for each C of its grid; knn-vote,
+    about 3 per voter value (``voter_values`` per adapter) per pair of an adapter and a training adapter, for
+    the train and val splits twice (its curves, then the metrics) and test twice (best, last)."""
+    from .linear_probe import GRID
+
+    if runs == 0:
+        return 0.0
+    if model == "linear":
+        return len(GRID) * (width + 1) * classes * 4 * n["train"] * LBFGS_EVALUATIONS
+    if model == "knn-vote":
+        return 3 * voter_values * n["train"] * 2 * (n["train"] + n["val"] + n["test"])
+    return runs * _parameters(width, classes, hp) * (6 * n["train"] + 2 * n["val"]) * epochs
+
+
+def _voter_values(root: zarr.Group, names: list[str]) -> int:
+    """Numbers knn-vote compares per adapter: r singular values of each of A, B and B A per module."""
+    rank = {m["name"]: m["rank"] for m in root.attrs["modules"]}
+    return 3 * sum(rank[name] for name in names if name in rank)
 
 
 def _timings(root: zarr.Group) -> tuple[list[float], list[float]]:
@@ -66,12 +87,15 @@ def _timings(root: zarr.Group) -> tuple[list[float], list[float]]:
         if not {"feature_width", "n", "classes", "task"} <= set(a) or "epochs" not in conf:
             continue
         classes = len(a["classes"]) if a["task"] == "classification" else 1
+        values = _voter_values(root, (a.get("layers") or {}).get(models.RAW, []))
         for run in store.runs_of(group, complete=True).values():
             r = run.attrs
-            flops = _run_flops(a["feature_width"], classes, conf, a["model"], a["n"], r["epochs"])
+            size = r.get("ensemble_size", 1)
+            flops = _flops(a["feature_width"], classes, conf, a["model"], a["n"], r["epochs"], size, values) / size
             if flops > 0 and r.get("seconds"):
                 rates.append(r["seconds"] / (flops / 1e9))
-                used.append(r["epochs"] / conf["epochs"])
+                if conf["epochs"] > 0:  # the models that take no --epochs record 0
+                    used.append(r["epochs"] / conf["epochs"])
     return rates, used
 
 
@@ -83,6 +107,7 @@ def plan(config: TrainConfig) -> Plan:
     check_splits(root, location)
     config = replace(config, label=resolve_label(root, location, config.label))
     keep, _, task, classes = load_labels(root, location, config.label, config.task)
+    check_task(config.model, task, config.label)
     n = {s: int(len(keep[s])) for s in SPLITS}
     rates, used = _timings(root)
     rate = float(np.median(rates)) if rates else None
@@ -111,6 +136,7 @@ def plan(config: TrainConfig) -> Plan:
         digest = config_hash(config_dict(root, config, setup, data))
         finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))
         todo = config.runs - finished
-        flops = todo * _run_flops(width, len(classes) if task == "classification" else 1, hp, config.model, n, expected)
+        values = _voter_values(root, layers.get(models.RAW, []))
+        flops = _flops(width, len(classes) if task == "classification" else 1, hp, config.model, n, expected, todo, values)
         out.append(Planned(setup, digest, width, finished, todo, flops, None if rate is None else rate * flops / 1e9))
     return Plan(out, n, len(rates), rate)

@@ -3,12 +3,14 @@
 - the original training loop (nn.Sequential, a shuffled DataLoader, torch.optim.Adam, ReduceLROnPlateau),
   which each run of pipeline/model.py's batched ensemble equals on the CPU (tests/test_train.py);
 - one per-sample numpy function per representation, float64 (tests/test_representations.py; bench/features.py
-  times them as the original's per-sample feature loop).
+  times them as the original's per-sample feature loop);
+- DSiRe's classifier, dsire.py's steps one by one (``dsire_predict``; tests/test_knn_vote.py).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import numpy as np
 import torch
@@ -198,6 +200,50 @@ def ref_dw_canonical(A, B, s, params):
         for c in (u[:, j] * sign * np.sqrt(sv[j]), vt[j] * sign * np.sqrt(sv[j])):
             out += [c.mean(), _std(c), c.min(), c.max(), np.abs(c).sum() / (np.sqrt(c.size) * np.linalg.norm(c))]
     return out
+
+
+# --- DSiRe (MoSalama98/DSiRe, dsire.py) ------------------------------------------------------------------
+
+
+def dsire_voters(factors: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One adapter's voters as dsire.py builds them: ``svd`` of each factor (down A, then up B, per module), then
+    of each product B @ A (``prepare_BA_matrix``), ``{**factors, **products}``; each kept to its top r (r = the
+    rank: ``num_svd``). ``factors``: per module (A (r, in), B (out, r)). The product is the (out, in) matrix."""
+    voters, products = {}, {}
+    for m, (a, b) in enumerate(factors):
+        r = a.shape[0]
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        voters[f"{m}.down"] = _pad(np.linalg.svd(a, compute_uv=False), r)
+        voters[f"{m}.up"] = _pad(np.linalg.svd(b, compute_uv=False), r)
+        products[f"{m}"] = _pad(np.linalg.svd(b @ a, compute_uv=False), r)
+    return {**voters, **products}
+
+
+def dsire_predict(train: list, y_train: list, queries: list) -> list:
+    """dsire.py's main loop on one split: ``train`` and ``queries`` lists of adapters (each a list of per-module
+    (A, B)), ``y_train`` their labels; returns one label per query."""
+    train_points = [dsire_voters(f) for f in train]
+    query_points = [dsire_voters(f) for f in queries]
+    min_val, max_val = 1000, 0  # get_min_max, over the training adapters only
+    for point in train_points:
+        for values in point.values():
+            min_val = min(min_val, values.min())
+            max_val = max(max_val, values.max())
+    span = max_val - min_val if max_val > min_val else 1.0
+
+    def normalize(point):  # normalize_data, every split with the training min and max
+        return {key: (values - min_val) / span for key, values in point.items()}
+
+    train_points = [normalize(p) for p in train_points]
+    query_points = [normalize(p) for p in query_points]
+    predictions = []
+    for point in query_points:
+        labels = []
+        for key in point:  # classify_faiss: each layer's IndexFlatL2, k = 1
+            distances = [float(((point[key] - t[key]) ** 2).sum()) for t in train_points]
+            labels.append(y_train[int(np.argmin(distances))])  # the first of equally near ones
+        predictions.append(Counter(labels).most_common(1)[0][0])
+    return predictions
 
 
 REFERENCES = {name[4:]: fn for name, fn in list(globals().items()) if name.startswith("ref_")}

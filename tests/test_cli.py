@@ -15,11 +15,11 @@ import zarr
 
 from cli import main
 from conftest import SMALL_LAYERS, assert_one_line_error, file_snapshot, lora_rows, materialize_to, run_cli, save_matrix_dataset
-from pipeline import __version__
+from pipeline import __version__, models
 from pipeline.commands import materialize_args, train_command
 from pipeline.errors import PipelineError
 from pipeline.features import FeaturesConfig
-from pipeline.hyper import LINEAR, Hyper
+from pipeline.hyper import Hyper
 from pipeline.materialize import MaterializeConfig
 from pipeline.splits import datasets_sizes, original_split, shares_of_all
 from pipeline.train import TrainConfig, resolve_label
@@ -220,7 +220,7 @@ def _parsed_train(line: str) -> TrainConfig:
 
 
 @pytest.mark.parametrize("model, changes", [("mlp", {}), ("mlp", {"hidden": 32, "lr": 0.01, "plateau_factor": 0.25}),
-                                           ("linear", {"epochs": 7, "weight_decay": 0.0})])
+                                           ("linear", {}), ("knn-vote", {})])
 def test_train_command_gives_back_the_recorded_configuration(model, changes):
     config = TrainConfig(store="S", reps="dw_norms", layers="visual", label="style", seed=3, model=model, **changes)
     recorded = {"reps": [{"name": "dw_norms"}], "layer_set": "visual", "label": "style", "model": model, "seed": 3,
@@ -228,8 +228,8 @@ def test_train_command_gives_back_the_recorded_configuration(model, changes):
     line = train_command("S", recorded, 4)
     again = _parsed_train(line)
     assert again.hyper() == config.hyper() and again.runs == 4 and (again.label, again.seed, again.model) == ("style", 3, model)
-    for name in LINEAR if model == "linear" else ():
-        assert f"--{name}" not in line
+    for name in models.get(model).fixed:
+        assert f"--{name.replace('_', '-')}" not in line
     assert all(f"--{k.replace('_', '-')}" in line for k in changes)
 
 

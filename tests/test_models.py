@@ -4,6 +4,7 @@ stored factors of its layer set's labelled adapters, and its runs are written li
 from __future__ import annotations
 
 import shutil
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pipeline
 from conftest import assert_one_line_error, run_cli
 from pipeline import models, views
 from pipeline.errors import PipelineError
+from pipeline.hyper import Hyper
 from pipeline.train import TrainConfig, train
 
 SEEN: dict = {}
@@ -76,8 +78,9 @@ def test_a_raw_model_refuses_a_store_without_complete_raw_groups(signal_store, n
 
 def test_fixed_hyper_parameters_are_not_options():
     linear = models.get("linear")
-    assert "depth" not in linear.options() and "lr" in linear.options()
-    assert linear.defaults()["depth"] == 0 and models.get("mlp").defaults()["depth"] == 3
+    assert linear.options() == () and models.get("knn-vote").options() == ()  # they take none of the MLP's
+    assert linear.defaults()["depth"] == 0 and linear.defaults()["lr"] == 0 and models.get("mlp").defaults()["depth"] == 3
+    assert models.get("mlp").options() == tuple(f.name for f in fields(Hyper))
 
 
 def test_an_unknown_model_is_one_line():
