@@ -185,14 +185,18 @@ def _generations(zstore, scope: str) -> list[int]:
 
 def holder(zstore: Store, scope: str) -> Holder | None:
     """The newest lease of ``scope`` (active or expired), or None when nobody holds it."""
-    generations = _generations(zstore, scope)
-    if not generations:
-        return None
-    raw = _read(zstore, _key(scope, generations[-1]))
+    while True:
+        generations = _generations(zstore, scope)
+        if not generations:
+            return None
+        raw = _read(zstore, _key(scope, generations[-1]))
+        if raw is not None or sync(zstore.exists(_key(scope, generations[-1]))):
+            break
+        # Deleted between the listing and the read: released, or an older generation deleted by whoever just
+        # took the next one. List again: answering "nobody" in the second case would let acquire take
+        # generation 0 again beside the new holder (two winners; seen under load in tests/test_leases.py).
     record = parse(raw)
     if record is None:
-        if raw is None and not sync(zstore.exists(_key(scope, generations[-1]))):
-            return None  # deleted between the listing and the read: released
         # Damaged: not a holder anyone can be waiting on. Returned as an expired holder so that the next
         # acquire takes the next generation over it (and deletes it); treating it as "nobody" would make
         # acquire retry the same generation forever.

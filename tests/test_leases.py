@@ -45,6 +45,28 @@ def test_scopes_are_independent_even_when_nested(zs):
     inner.release()
 
 
+def test_a_generation_deleted_between_listing_and_reading_is_not_nobody(zs, monkeypatch):
+    """The interleaving behind a flaky two-winner race: a racer lists an expired generation 0; before it reads
+    it, another takes generation 1 and deletes 0. The racer must see the new holder, not "nobody" (which
+    would let it take generation 0 again beside the new holder)."""
+    dead = leases.Lease(zs, "s", ttl=0.01)
+    assert dead.acquire()
+    dead._stop.set()
+    time.sleep(0.05)
+    winner, real_read = leases.Lease(zs, "s"), leases._read
+
+    def late(zstore, key):
+        monkeypatch.setattr(leases, "_read", real_read)
+        assert winner.acquire() and winner.generation == 1  # generation 0 is deleted now
+        return real_read(zstore, key)
+
+    monkeypatch.setattr(leases, "_read", late)
+    loser = leases.Lease(zs, "s")
+    assert not loser.acquire()
+    assert loser.holder.generation == 1 and loser.holder.token == winner.token
+    winner.release()
+
+
 def test_exactly_one_winner_when_many_race_for_a_free_or_expired_scope(zs):
     for round_ in range(15):
         scope = f"race/{round_}"
