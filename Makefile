@@ -27,7 +27,7 @@ ZOO_STORE ?= stores/zoo.zarr
 zoo: setup
 	$(BIN)/pipeline materialize --source zoo:digits --store $(ZOO_STORE)
 	$(BIN)/pipeline features --store $(ZOO_STORE) --rep all,dw_quantiles
-	$(BIN)/pipeline train --store $(ZOO_STORE) --rep all,dw_quantiles --layers all,visual,text --runs 10 --quiet
+	$(BIN)/pipeline train --store $(ZOO_STORE) --rep all --layers all,visual,text --runs 10 --quiet
 	$(BIN)/pipeline report --store $(ZOO_STORE)
 
 test: setup
