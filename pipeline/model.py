@@ -1,24 +1,59 @@
-"""The trainer: an MLP (or a linear model) for R runs at once, its Adam step and its loop; pure torch, no store.
+"""The trainer: an MLP (or a linear model) for R runs at once, its training step and its loop; pure torch, no store.
 
 Each weight has a leading run axis, so one step is a few batched matmuls for all runs, yet every run
 has its own initialisation, shuffling, dropout masks, BatchNorm statistics, learning rate schedule
-and early stopping. Runs that stop are dropped from the ensemble (their best and last weights are
-kept), and the loop ends when all have stopped.
+and early stopping.
 
-Run r of ``train_ensemble`` is, on the CPU and up to float rounding, the plain loop with
-``torch.manual_seed(seeds[r])``: ``nn.Sequential`` of ``depth`` x (Linear, BatchNorm1d, ReLU, Dropout)
-then Linear, a shuffled ``DataLoader``, ``torch.optim.Adam`` with L2 weight decay, ``ReduceLROnPlateau``
-(mode max) on the validation score, early stopping with a copy of the best weights. That plain loop is
-tests/reference.py's ``original_run``, and tests/test_train.py checks the equality. It holds because
-each run draws from its own generator exactly what the plain loop draws from torch's global one, in
-the same order: model init; per epoch the DataLoader's two seed draws then a randperm; a Bernoulli
-mask per Dropout per batch.
+**The step** (``train_step``) is a fixed sequence of device operations whatever the number of runs R
+and however many learning rates they have: it reads nothing back to the host, so on CUDA it is
+captured once as a CUDA graph and replayed (``_Steps``), and ``torch.compile(fullgraph=True)`` traces
+it whole. What makes that possible:
+
+- The weights of all runs live in one flat buffer (``_Net.params``), a contiguous (R, padded size)
+  block per weight; the network sees (R, in, out) views of it. Adam's moments and a scratch copy have
+  the same layout. Each run's block is padded to a multiple of ``_PAD`` elements: torch's fused Adam
+  kernel treats its last elements (a tensor's tail past the last full vector) with scalar code
+  whose rounding differs from the vector code's, and the padding keeps every real element in the
+  vector code, so a run's update is the same wherever it sits in the ensemble.
+- Adam: torch's fused kernel (one memory pass, the one behind ``Adam(fused=True)``) with a learning
+  rate of 1 on the scratch copy, then one ``lerp_`` per weight towards it with each run's learning
+  rate, an (R, 1) tensor on the device: ``p + lr * ((p - u) - p)`` is ``p - lr * u`` within float
+  rounding of ``u``. A stopped run has learning rate 0 and keeps its weights exactly (masked, its
+  shapes kept; its moments move, unused). The step count is a device tensor. ``torch.compile``
+  cannot trace the fused kernel on the CPU (its functionalisation fails), so the compiled step uses
+  the same update written as elementwise operations (``fused=False``), which inductor fuses itself.
+- Dropout for all runs is one draw per layer from a counter-based hash (``_mix32``, integer operations
+  on the device): run r's mask at step s, layer l, row i, unit j is a function of (its seed, s, l, i, j)
+  only, so it never depends on which runs share the ensemble. ``dropout_mask`` gives one run's mask.
+- A Linear bias enters through a matmul with a column of ones, so its gradient is a batched matmul
+  too (the gradient of a broadcast bias is a sum whose blocking, hence last bit, depends on R).
+- The epoch's shuffling is built on the host, once per epoch, and copied to the device once; the
+  host reads the epoch's numbers once, after its steps (early stopping, the plateau schedule, curves).
+
+Masked runs still cost compute. At an epoch boundary where at most half of the ensemble is still
+training, the ensemble is compacted to those runs (``_Net.select``): shapes change at most log2(R)
+times, and each change makes a new CUDA graph.
+
+**How exact it is.** With dropout 0, run r of ``train_ensemble`` is, on the CPU and up to float
+rounding, the plain loop with ``torch.manual_seed(seeds[r])``: ``nn.Sequential`` of ``depth`` x (Linear,
+BatchNorm1d, ReLU, Dropout) then Linear, a shuffled ``DataLoader``, ``torch.optim.Adam`` with L2 weight
+decay, ``ReduceLROnPlateau`` (mode max) on the validation score, early stopping with a copy of the best
+weights. That plain loop is tests/reference.py's ``original_run``, and tests/test_train.py checks the
+equality (same validation accuracies, learning rates and best epochs). It holds because each run draws
+from its own generator exactly what the plain loop draws from torch's global one, in the same order:
+model init, then per epoch the DataLoader's two seed draws and a randperm. With dropout > 0 the masks
+are the hash's, not torch's Bernoulli draws (those come from one generator per run, one call per run
+and layer, which no single device operation for all runs can reproduce): the reference loop then takes
+its masks from ``dropout_mask`` and the same equality holds (tests/test_step.py). And on the CPU a run
+trained within an ensemble is bit for bit the run trained alone, through masking and compaction.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -32,6 +67,10 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
 PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau default (relative)
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at once (128 MB)
 CURVES = ("train_loss", "train_score", "val_loss", "val_score", "lr")  # per run, one value per epoch trained
+GRAPHS_ENV = "PIPELINE_CUDA_GRAPHS"  # "0": CUDA steps run eagerly instead of replaying a CUDA graph
+_WARMUP = 3  # eager steps (on a side stream) before a CUDA graph is captured: cuBLAS and autograd set up there
+_PAD = 64  # each run's block of a weight is padded to a multiple of this many elements (see the docstring)
+_VECTOR = 16  # floats in the widest CPU vector torch's kernels use (AVX-512); see _batch_norm
 
 
 @dataclass
@@ -53,7 +92,8 @@ class Ensemble:
 def _init_state(seeds: list[int], n_in: int, n_out: int, hp: Hyper) -> tuple[dict, list[torch.Generator]]:
     """Per run, nn.Linear's init drawn from that run's generator in nn.Sequential's order; stacked on a run axis.
 
-    Weights are (R, in, out); BatchNorm weight 1, bias 0, running mean 0, running var 1.
+    ``w{i}`` (R, in + 1, out) is nn.Linear's weight, transposed, with its bias as the last row (it multiplies
+    a column of ones appended to the layer's input); BatchNorm weight 1, bias 0, running mean 0, running var 1.
     """
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     sizes = [n_in] + [hp.hidden] * hp.depth + [n_out]
@@ -64,12 +104,11 @@ def _init_state(seeds: list[int], n_in: int, n_out: int, hp: Hyper) -> tuple[dic
             bound = 1 / fan_in ** 0.5  # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear
             w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=g)
             b = torch.empty(fan_out).uniform_(-bound, bound, generator=g)
-            layers.append((w.T.contiguous(), b))
+            layers.append(torch.cat([w.T, b[None]]))
         per_run.append(layers)
     state = {}
     for i in range(len(sizes) - 1):
-        state[f"w{i}"] = torch.stack([run[i][0] for run in per_run])
-        state[f"b{i}"] = torch.stack([run[i][1] for run in per_run])
+        state[f"w{i}"] = torch.stack([run[i] for run in per_run])
         if i < hp.depth:
             state[f"gamma{i}"] = torch.ones(len(seeds), sizes[i + 1])
             state[f"beta{i}"] = torch.zeros(len(seeds), sizes[i + 1])
@@ -82,27 +121,51 @@ def _is_param(key: str) -> bool:
     return not key.startswith(("mean", "var"))
 
 
-def forward(state: dict, x: torch.Tensor, depth: int, train: bool = False, dropout: float = 0.0,
-            noise_gens: list | None = None) -> torch.Tensor:
-    """Outputs (R, b, out) of every run. x: (R, b, in), one batch per run, or (n, in) shared by all runs."""
-    h = x
+def _batch_norm(h: torch.Tensor, state: dict, i: int, train: bool, threads: int) -> torch.Tensor:
+    """BatchNorm1d of every run at once: h (R, b, width) -> (R, b, width), runs x units the channels of one
+    batch_norm call, so each run is normalised over its own batch and its running stats (views of the state)
+    update in place (``train``).
+
+    torch's CPU kernel for a (b, channels) input (vectorised over the channels) computes each channel's numbers
+    the same way whatever the number of channels, R x width, when b is more than its thread count and width
+    a multiple of the vector width (a run's channels then never fall in the scalar tail). Otherwise (a last,
+    small batch; an odd width) the input goes in as (1, channels, b), whose kernel treats each channel alone
+    (slower: a copy each way), so that a run's numbers never depend on R.
+    """
+    runs, rows, width = h.shape
+    flat = [state[f"{k}{i}"].clone(memory_format=torch.contiguous_format).view(-1) for k in ("gamma", "beta")]
+    stats = (state[f"mean{i}"].view(-1), state[f"var{i}"].view(-1), *flat)  # gamma, beta: copies (a block may be padded)
+    if h.device.type == "cpu" and (rows <= threads or width % _VECTOR):
+        t = F.batch_norm(h.transpose(1, 2).contiguous().view(1, runs * width, rows), *stats, training=train,
+                         momentum=BN_MOMENTUM, eps=BN_EPS)
+        return t.view(runs, width, rows).transpose(1, 2)
+    # clone, not reshape: the same operations whatever R (the reshape of one run's batch would be a view)
+    flat = h.transpose(0, 1).clone(memory_format=torch.contiguous_format).view(rows, runs * width)
+    t = F.batch_norm(flat, *stats, training=train, momentum=BN_MOMENTUM, eps=BN_EPS)
+    return t.view(rows, runs, width).transpose(0, 1)
+
+
+def forward(state: dict, x: torch.Tensor, depth: int, train: bool = False, noise: list | None = None,
+            threads: int | None = None) -> torch.Tensor:
+    """Outputs (R, b, out) of every run. x: (R, b, in), one batch per run, or (n, in) shared by all runs.
+
+    Each layer is one bmm of its input, with a column of ones appended (the bias), and w (R, in + 1, out):
+    the bias's gradient is then part of the weight's, a bmm, whose rounding per run does not depend on R
+    (the gradient of a broadcast bias is a sum, whose blocking does). ``train``: BatchNorm in training mode.
+    ``noise``: per hidden layer the dropout multipliers (R, b, hidden), 0 or 1 / (1 - p). ``threads``: torch's
+    CPU thread count (None: now; the step passes its plan's, since torch.compile cannot trace the question).
+    """
+    runs = state["w0"].shape[0]
+    threads = torch.get_num_threads() if threads is None else threads
+    h = x if x.dim() == 3 else x[None]
     for i in range(depth + 1):
-        w, b = state[f"w{i}"], state[f"b{i}"]
-        h = torch.baddbmm(b[:, None], h, w) if h.dim() == 3 else torch.matmul(h, w) + b[:, None]
+        ones = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (R or 1, b, in + 1)
+        h = torch.bmm(ones if ones.shape[0] == runs else ones.expand(runs, -1, -1), state[f"w{i}"])
         if i == depth:
             return h
-        runs, rows, width = h.shape
-        # BatchNorm1d per run: runs x channels become the channels of one batch_norm call, so each run
-        # is normalised over its own batch, and its running stats (views of state) update in place.
-        flat = h.transpose(0, 1).reshape(rows, runs * width)
-        flat = F.batch_norm(flat, state[f"mean{i}"].view(-1), state[f"var{i}"].view(-1), state[f"gamma{i}"].reshape(-1),
-                            state[f"beta{i}"].reshape(-1), training=train, momentum=BN_MOMENTUM, eps=BN_EPS)
-        h = torch.relu(flat.view(rows, runs, width).transpose(0, 1))
-        if train and dropout > 0:
-            # F.dropout on the CPU is input * bernoulli_(1 - p) / (1 - p): the same draws, from each run's generator
-            noise = torch.stack([torch.empty(rows, width, device=h.device).bernoulli_(1 - dropout, generator=g)
-                                 for g in noise_gens])
-            h = h * noise.div_(1 - dropout)
+        h = torch.relu(_batch_norm(h, state, i, train, threads))
+        if noise is not None:
+            h = h * noise[i]
     return h
 
 
@@ -131,48 +194,327 @@ def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     return metrics.r2(y, out[..., 0])
 
 
-# --- the optimiser -----------------------------------------------------------------------------------
+# --- dropout: a counter-based hash, one draw per layer for all runs ----------------------------------
+
+_LOWBIAS32 = (0x7FEB352D, 0x846CA68B - (1 << 32))  # lowbias32's multipliers (C. Wellons' hash prospector), as int32
+_GOLDEN = 0x9E3779B9 - (1 << 32)  # 2^32 / golden ratio, odd, as int32: spreads a counter over all 32 bits
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32, a bijective 32-bit integer hash, on int32 tensors. Multiplications wrap around (two's
+    complement, on the CPU and CUDA alike); each right shift is made logical by a mask (>> on int32 is
+    arithmetic). tests/test_step.py checks it against a numpy uint32 implementation."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _LOWBIAS32[0]
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _LOWBIAS32[1]
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _cell_hash(x: torch.Tensor) -> torch.Tensor:
+    """The per-element hash of the masks, lowbias32 without its two outer xorshifts (6 operations fewer per
+    element of the largest tensors a step builds): its input is a well-mixed key plus a small counter, whose
+    high bits are already random, and the threshold on the signed result reads its high bits (the last
+    xorshift only changes the low ones)."""
+    x = x * _LOWBIAS32[0]
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    return x * _LOWBIAS32[1]
+
+
+def dropout_keys(seeds: list[int]) -> list[int]:
+    """Each run's dropout key, from its seed alone: splitmix64 of the seed, its low 32 bits as a signed int."""
+    out = []
+    for seed in seeds:
+        z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        low = (z ^ (z >> 31)) & 0xFFFFFFFF
+        out.append(low - (1 << 32) if low >= 1 << 31 else low)
+    return out
+
+
+def _dropout_noise(keys: torch.Tensor, step: torch.Tensor, depth: int, rows: int, width: int, p: float) -> list:
+    """Per hidden layer the dropout multipliers (R, rows, width) of every run at this step (a device int64 scalar).
+
+    Element (i, j) of run r in layer l is kept when the hash of (its key, step, l, i, j) is at least a
+    threshold, with probability 1 - p (to 2^-32): the key of (run, step, layer) is _mix32 of the run's key xor
+    the step-and-layer counter (times an odd constant); each element hashes that key plus its position i * width + j.
+    """
+    counter = (step * depth + torch.arange(depth, device=keys.device)).to(torch.int32) * _GOLDEN
+    layer_keys = _mix32(counter[None, :] ^ keys[:, None])  # (R, depth)
+    cells = torch.arange(rows * width, dtype=torch.int32, device=keys.device)
+    threshold = min(max(round(p * 2 ** 32) - 2 ** 31, -2 ** 31), 2 ** 31 - 1)  # uniform int32 >= threshold: 1 - p
+    keep = _cell_hash(cells[None, None, :] + layer_keys[:, :, None]) >= threshold  # every layer at once
+    noise = keep.to(torch.float32).mul_(1 / (1 - p)).view(len(keys), depth, rows, width)
+    return [noise[:, i] for i in range(depth)]
+
+
+def dropout_mask(seed: int, step: int, layer: int, depth: int, rows: int, width: int, p: float) -> torch.Tensor:
+    """The dropout multipliers (rows, width) of the run with this seed at training step ``step`` (1-based,
+    counted over the whole training) in hidden layer ``layer`` of ``depth``, for a batch of ``rows``: those
+    its ensemble step uses, whatever ensemble it is in."""
+    keys = torch.tensor(dropout_keys([seed]), dtype=torch.int32)
+    return _dropout_noise(keys, torch.tensor(step), depth, rows, width, p)[layer][0]
+
+
+# --- the ensemble's tensors: one flat buffer of weights, views per layer ------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each weight of every run lies in a flat buffer: in ``names`` order, one (R, padded) block each,
+    its run's row padded from prod(shape) to a multiple of _PAD elements (zeros, never read by the network)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]  # per run
+    pad: bool = True
+
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    def padded(self) -> list[int]:
+        return [-(-n // _PAD) * _PAD if self.pad else n for n in self.sizes()]
+
+    def blocks(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
+        """Each weight's block (R, padded) of ``flat``, contiguous."""
+        parts = flat.split([runs * n for n in self.padded()]) if self.names else ()
+        return {k: part.view(runs, n) for k, part, n in zip(self.names, parts, self.padded())}
+
+    def views(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
+        """Each weight as the network sees it, (R, *shape), a view of ``flat``."""
+        blocks = self.blocks(flat, runs)
+        return {k: blocks[k][:, :n].view(runs, *s) for k, n, s in zip(self.names, self.sizes(), self.shapes)}
+
+    def pack(self, state: dict, runs: int) -> torch.Tensor:
+        """A flat buffer holding ``state``'s tensors (R, *shape) in this layout."""
+        parts = [F.pad(state[k].reshape(runs, n), (0, p - n)).reshape(-1)
+                 for k, n, p in zip(self.names, self.sizes(), self.padded())]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the step needs to know besides its tensors; fixed for a whole training."""
+
+    params: _Layout  # the trained weights (w, b, gamma, beta)
+    stats: _Layout  # BatchNorm's running statistics (mean, var), unpadded: batch_norm updates them in place
+    depth: int
+    hidden: int
+    dropout: float
+    weight_decay: float
+    task: str
+    threads: int  # torch's CPU threads when training started (_batch_norm's choice of layout)
+    traced: bool = False  # for torch.compile: torch.func's gradient, Adam as elementwise ops (see train_step)
 
 
 @dataclass
-class _Adam:
-    """Adam's moments (each shaped like its parameter, run axis first) and the step count all runs share."""
+class _Net:
+    """The ensemble on its device: every run-axis tensor has one row per member, in ``members`` order."""
 
+    params: torch.Tensor  # flat, _Plan.params layout
+    stats: torch.Tensor  # flat, _Plan.stats layout
+    exp_avg: torch.Tensor  # Adam's moments, like params
+    exp_avg_sq: torch.Tensor
+    scratch: torch.Tensor  # like params: where the fused kernel writes the learning-rate-1 step
+    step: torch.Tensor  # () int64: steps taken (Adam's bias correction, the dropout counter)
+    lr: torch.Tensor  # (R,) float32: each member's learning rate, 0 once it has stopped
+    keys: torch.Tensor  # (R,) int32: each member's dropout key
+    sums: torch.Tensor  # (2, R) float64: the epoch's train loss x rows and correct predictions
+    members: np.ndarray  # (R,) the run (position in seeds) of each row
+    views: "_Views | None" = None  # of these tensors (``with_views``)
+
+    @property
+    def runs(self) -> int:
+        return len(self.members)
+
+    def with_views(self, plan: _Plan) -> "_Net":
+        self.views = _Views.of(self, plan)
+        return self
+
+    def clone(self, plan: _Plan) -> "_Net":
+        """An independent copy (every tensor cloned, its own views)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "views"}
+        return _Net(**{k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in tensors.items()}).with_views(plan)
+
+    def state(self, plan: _Plan) -> dict:
+        """The network's weights and statistics, name -> (R, ...) views (what ``forward`` and ``evaluate`` take)."""
+        return {**plan.params.views(self.params, self.runs), **plan.stats.views(self.stats, self.runs)}
+
+    def select(self, plan: _Plan, rows: np.ndarray) -> "_Net":
+        """A smaller ensemble of these rows (the compaction): copies, in order."""
+        pos = torch.as_tensor(rows, device=self.params.device)
+
+        def take(flat, layout):
+            blocks = layout.blocks(flat, self.runs).values()
+            return torch.cat([b.index_select(0, pos).reshape(-1) for b in blocks]) if layout.names else flat
+
+        params = take(self.params, plan.params)
+        return _Net(params, take(self.stats, plan.stats), take(self.exp_avg, plan.params), take(self.exp_avg_sq, plan.params),
+                    torch.empty_like(params), self.step.clone(), self.lr[pos], self.keys[pos],
+                    torch.zeros(2, len(rows), dtype=torch.float64, device=params.device), self.members[rows]).with_views(plan)
+
+
+@dataclass(frozen=True)
+class _Views:
+    """Views of an ensemble's flat buffers, name -> tensor, made once per ensemble: making them is a good part
+    of a small step's time. (A traced step makes its own, see train_step.)"""
+
+    params: dict  # (R, *shape): what the network sees
+    blocks: dict  # (R, padded): what Adam updates
     exp_avg: dict
     exp_avg_sq: dict
-    step: int = 0
+    scratch: dict
+    stats: dict  # (R, width)
 
     @classmethod
-    def of(cls, state: dict) -> "_Adam":
-        return cls({k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)},
-                   {k: torch.zeros_like(v) for k, v in state.items() if _is_param(k)})
+    def of(cls, net: _Net, plan: _Plan) -> "_Views":
+        runs, blocks = net.runs, plan.params.blocks
+        return cls(plan.params.views(net.params, runs), blocks(net.params, runs), blocks(net.exp_avg, runs),
+                   blocks(net.exp_avg_sq, runs), blocks(net.scratch, runs), plan.stats.views(net.stats, runs))
 
 
-def _adam_step(state: dict, params: dict, grads, adam: _Adam, lr: np.ndarray, weight_decay: float) -> None:
-    """torch.optim.Adam (L2 weight decay added to the gradient), with one learning rate per run: lr (A,) numpy.
+def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device, traced: bool = False
+           ) -> tuple[_Net, _Plan, list[torch.Generator], dict]:
+    """The initial ensemble on ``device``, its plan, each run's generator, and its state (R, ...) tensors."""
+    init, gens = _init_state(seeds, n_in, n_out, hp)
+    if n_out == 1:  # a second output column of zeros (never read, its gradient 0): no (b, in) @ (in, 1) bmm, whose
+        init[f"w{hp.depth}"] = F.pad(init[f"w{hp.depth}"], (0, 1))  # rounding at R = 1 differs from R > 1
+    state = {k: v.to(device) for k, v in init.items()}
+    names = [k for k in state if _is_param(k)]
+    stat_names = [k for k in state if not _is_param(k)]
+    plan = _Plan(_Layout(tuple(names), tuple(tuple(state[k].shape[1:]) for k in names)),
+                 _Layout(tuple(stat_names), tuple(tuple(state[k].shape[1:]) for k in stat_names), pad=False),
+                 hp.depth, hp.hidden, hp.dropout, hp.weight_decay, task, torch.get_num_threads(), traced)
+    runs = len(seeds)
+    params = plan.params.pack(state, runs).to(device)
+    net = _Net(params, plan.stats.pack(state, runs).to(device), torch.zeros_like(params), torch.zeros_like(params),
+               torch.empty_like(params), torch.zeros((), dtype=torch.int64, device=device),
+               torch.full((runs,), hp.lr, dtype=torch.float32, device=device),
+               torch.tensor(dropout_keys(seeds), dtype=torch.int32, device=device),
+               torch.zeros(2, runs, dtype=torch.float64, device=device), np.arange(runs)).with_views(plan)
+    return net, plan, gens, state
 
-    torch's fused Adam kernel (the one behind ``Adam(fused=True)``, on the CPU and CUDA): one pass over
-    each parameter, its gradient and moments, where the unfused update makes about ten. With R runs
-    batched, the parameters are R times larger than one model's and no longer sit in the CPU's cache,
-    so the passes are what a step costs. Runs that share a learning rate are updated in one call
-    (usually all of them); each run's slice of a parameter is a contiguous view.
+
+# --- the step ----------------------------------------------------------------------------------------
+
+
+def _adam(net: _Net, plan: _Plan, views: _Views, grads: dict) -> None:
+    """torch.optim.Adam (L2 weight decay added to the gradient) for every run, each with its own learning rate.
+
+    Fused: the kernel takes a learning rate of 1 on a copy of the weights (scratch = p - u), and each weight
+    moves towards it by its run's learning rate: lerp(p, scratch, lr) = p - lr * u. Unfused: the same update
+    as elementwise operations. Both work on the padded blocks (the padding's gradient is 0, so it stays 0).
     """
+    runs, names = net.runs, plan.params.names
+    grads = {k: F.pad(grads[k].reshape(runs, n), (0, p - n)) if p > n else grads[k].reshape(runs, n)
+             for k, n, p in zip(names, plan.params.sizes(), plan.params.padded())}
+    params, exp_avg, exp_avg_sq = views.blocks, views.exp_avg, views.exp_avg_sq
     beta1, beta2 = ADAM_BETAS
-    keys = list(params)
-    detached = [params[k].detach() for k in keys]
-    grads = [g.contiguous() for g in grads]
-    moments = ([adam.exp_avg[k] for k in keys], [adam.exp_avg_sq[k] for k in keys])
-    for value in np.unique(lr):
-        runs = np.flatnonzero(lr == value)
-        if len(runs) == len(lr):
-            groups = (detached, grads, *moments)
-        else:
-            groups = tuple([t[r] for t in tensors for r in runs] for tensors in (detached, grads, *moments))
-        steps = [torch.tensor(float(adam.step), device=detached[0].device) for _ in groups[0]]
-        torch._fused_adam_(*groups, [], steps, amsgrad=False, lr=float(value), beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, eps=ADAM_EPS, maximize=False)
-    for key, param in zip(keys, detached):
-        state[key] = param
+    step = net.step.to(torch.float32)
+    rate = net.lr.view(runs, 1)
+    if not plan.traced:
+        net.scratch.copy_(net.params)
+        moved = views.scratch
+        torch._fused_adam_([moved[k] for k in names], [grads[k] for k in names], [exp_avg[k] for k in names],
+                           [exp_avg_sq[k] for k in names], [], [step] * len(names), lr=1.0, beta1=beta1, beta2=beta2,
+                           weight_decay=plan.weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
+        for k in names:
+            params[k].lerp_(moved[k], rate)
+        return
+    correction1 = 1 - beta1 ** step
+    correction2 = (1 - beta2 ** step).sqrt()
+    for k in names:
+        p, g = params[k], grads[k]
+        if plan.weight_decay:
+            g = g.add(p, alpha=plan.weight_decay)
+        exp_avg[k].lerp_(g, 1 - beta1)
+        exp_avg_sq[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.sub_(exp_avg[k] / (exp_avg_sq[k].sqrt() / correction2 + ADAM_EPS) * (rate / correction1))
+
+
+def train_step(net: _Net, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, plan: _Plan) -> None:
+    """One training step of every member on its batch: rows ``idx`` (R, b) of x (n, d) and y (n,).
+
+    Forward, loss, backward, Adam, dropout, the epoch sums: device operations only, the same ones whatever
+    R and the learning rates; nothing is read back to the host (so it can be captured and compiled).
+    Eagerly the gradient is torch.autograd.grad's and Adam torch's fused kernel; ``plan.traced`` (what
+    torch.compile(fullgraph=True) takes) uses torch.func.grad_and_value, which dynamo traces, and Adam as
+    elementwise operations, since the fused kernel does not trace on the CPU.
+    """
+    runs, rows = idx.shape
+    views = _Views.of(net, plan) if plan.traced else net.views  # dynamo traces tensors, not cached aliases of them
+    net.step.add_(1)
+    flat = idx.reshape(-1)
+    xb = x.index_select(0, flat).view(runs, rows, x.shape[1])
+    yb = y.index_select(0, flat).view(runs, rows)
+    stats = views.stats
+    noise = _dropout_noise(net.keys, net.step, plan.depth, rows, plan.hidden, plan.dropout) if plan.dropout > 0 else None
+
+    def loss_of(params):
+        out = forward({**params, **stats}, xb, plan.depth, train=True, noise=noise, threads=plan.threads)  # (R, rows, K)
+        loss = _loss(out, yb, plan.task)
+        return loss.sum(), (loss.detach(), out.detach())
+
+    if plan.traced:
+        grads, (_, (loss, out)) = torch.func.grad_and_value(loss_of, has_aux=True)(views.params)
+    else:
+        leaves = {k: v.detach().requires_grad_() for k, v in views.params.items()}
+        total, (loss, out) = loss_of(leaves)
+        grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
+    _adam(net, plan, views, grads)
+    net.sums[0].add_(loss.to(torch.float64), alpha=rows)
+    if plan.task == "classification":
+        net.sums[1].add_((out.argmax(-1) == yb).sum(1).to(torch.float64))
+
+
+def _graphs_wanted(device: torch.device, graphs: bool | None) -> bool:
+    """CUDA graphs: on CUDA unless switched off (``graphs=False``, or $PIPELINE_CUDA_GRAPHS=0); never elsewhere."""
+    if device.type != "cuda":
+        return False
+    return os.environ.get(GRAPHS_ENV, "1") != "0" if graphs is None else graphs
+
+
+class _Steps:
+    """``train_step`` for one shape of the ensemble: eager; or, with ``graphs`` (CUDA), the full-size batches
+    replay one CUDA graph of it, captured after _WARMUP eager steps (real ones) with its batch indices in a
+    static buffer. A last, smaller batch runs eagerly. A compaction makes a new _Steps (a new graph)."""
+
+    def __init__(self, net: _Net, plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_size: int, graphs: bool):
+        self.net, self.plan, self.x, self.y, self.batch_size, self.graphs = net, plan, x, y, batch_size, graphs
+        self.warm, self.idx, self.graph = 0, None, None
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if not self.graphs or idx.shape[1] != self.batch_size:
+            return train_step(self.net, idx, self.x, self.y, self.plan)
+        if self.graph is None and self.warm < _WARMUP:  # warm-up on a side stream, as torch.cuda.graphs asks
+            self.warm += 1
+            side = torch.cuda.Stream(device=idx.device)
+            side.wait_stream(torch.cuda.current_stream(idx.device))
+            with torch.cuda.stream(side):
+                train_step(self.net, idx, self.x, self.y, self.plan)
+            torch.cuda.current_stream(idx.device).wait_stream(side)
+            return
+        if self.graph is None:  # capture records the step without running it: this batch is the first replay
+            self.idx = idx.clone(memory_format=torch.contiguous_format)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                train_step(self.net, self.idx, self.x, self.y, self.plan)
+        self.idx.copy_(idx)
+        self.graph.replay()
+
+
+def _train_epoch(steps: _Steps, order: torch.Tensor, batch_size: int) -> int:
+    """One pass over each member's shuffled rows, order (R, n) on the device; returns the rows each run saw.
+    Only slices of ``order`` and steps: no host read. A one-row batch is skipped (BatchNorm cannot train on it;
+    the original would crash)."""
+    seen = 0
+    for start in range(0, order.shape[1], batch_size):
+        idx = order[:, start:start + batch_size]
+        if idx.shape[1] < 2:
+            continue
+        steps(idx)
+        seen += idx.shape[1]
+    return seen
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -182,7 +524,7 @@ def _adam_step(state: dict, params: dict, grads, adam: _Adam, lr: np.ndarray, we
 class _Runs:
     """The loop's per-run bookkeeping, numpy arrays indexed by run (position in ``seeds``)."""
 
-    active: np.ndarray  # the runs still training, in ensemble order (the order of the run axis of the state)
+    active: np.ndarray  # the runs still training, in increasing order (as the ensemble's rows are)
     lr: np.ndarray
     best_score: np.ndarray
     best_epoch: np.ndarray  # 0 until a finite validation score was seen
@@ -204,34 +546,28 @@ def _epoch_order(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _train_epoch(state: dict, adam: _Adam, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, lr: np.ndarray,
-                 noise_gens: list, hp: Hyper, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over each active run's shuffled batches (order (A, n)); mean train loss and score (A,) float64.
+def _epoch_orders(gens: list, net: _Net, active: np.ndarray, n: int) -> torch.Tensor:
+    """Each member's shuffled rows (R, n), built on the host: a stopped member (masked) gets 0..n-1, no draw."""
+    training = set(active.tolist())
+    return torch.stack([_epoch_order(gens[r], n) if r in training else torch.arange(n) for r in net.members])
 
-    The score is the batches' accuracy (classification; regression's is recomputed on the whole train set).
-    """
-    runs, n = order.shape
-    loss_sum = torch.zeros(runs, dtype=torch.float64, device=x.device)
-    score_sum = torch.zeros(runs, dtype=torch.float64, device=x.device)
-    seen = 0
-    for start in range(0, n, hp.batch_size):
-        idx = order[:, start:start + hp.batch_size]
-        if idx.shape[1] < 2:  # a one-row batch: BatchNorm cannot train on it (the original would crash)
-            continue
-        xb, yb = x[idx], y[idx]
-        params = {k: v.requires_grad_() for k, v in state.items() if _is_param(k)}
-        out = forward(state, xb, hp.depth, train=True, dropout=hp.dropout, noise_gens=noise_gens)
-        loss = _loss(out, yb, task)
-        grads = torch.autograd.grad(loss.sum(), list(params.values()))
-        adam.step += 1
-        with torch.no_grad():
-            _adam_step(state, params, grads, adam, lr, hp.weight_decay)
-            rows = idx.shape[1]
-            seen += rows
-            loss_sum += loss.detach().to(torch.float64) * rows
-            if task == "classification":
-                score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
-    return loss_sum / max(seen, 1), score_sum / max(seen, 1)
+
+def _epoch_numbers(net: _Net, plan: _Plan, seen: int, train: tuple, val: tuple) -> torch.Tensor:
+    """(4, R) float64 on the device: train loss, train score, val loss, val score of every member.
+
+    The train score is the batches' accuracy (classification) or R^2 on the whole train set in eval mode
+    (regression: R^2 of the training batches is not meaningful)."""
+    with torch.no_grad():
+        state = net.state(plan)
+        val_out = evaluate(state, val[0], plan.depth)
+        val_loss = _loss(val_out, val[1][None].expand(net.runs, -1), plan.task)
+        val_score = _score(val_out, val[1], plan.task)
+        if plan.task == "regression":
+            train_score = _score(evaluate(state, train[0], plan.depth), train[1], plan.task)
+        else:
+            train_score = net.sums[1] / max(seen, 1)
+        return torch.stack([net.sums[0] / max(seen, 1), train_score.to(torch.float64), val_loss.to(torch.float64),
+                            val_score.to(torch.float64)])
 
 
 def _record(runs: _Runs, values: np.ndarray) -> None:
@@ -253,81 +589,115 @@ def _plateau_step(runs: _Runs, scores: np.ndarray, hp: Hyper) -> None:
     runs.plateau_bad[reduce] = 0
 
 
-def _early_stopping(runs: _Runs, scores: np.ndarray, epoch: int, state: dict, best: dict, hp: Hyper) -> np.ndarray:
+def _copy_rows(into: dict, ids: np.ndarray, state: dict, rows: np.ndarray) -> None:
+    """into[k][ids] = state[k][rows] for every tensor: runs ``ids`` of a full-size state from ensemble rows."""
+    if len(ids):
+        device = state["w0"].device
+        ids, rows = torch.as_tensor(ids, device=device), torch.as_tensor(rows, device=device)
+        for k, v in state.items():
+            into[k].index_copy_(0, ids, v.index_select(0, rows))
+
+
+def _early_stopping(runs: _Runs, scores: np.ndarray, epoch: int, state: dict, rows: np.ndarray, best: dict,
+                    hp: Hyper) -> np.ndarray:
     """Copy the weights of the runs whose validation score is strictly better (COPIED: the original kept a
-    reference, so it evaluated the last weights); returns which active runs stop now (A,) bool."""
+    reference, so it evaluated the last weights); returns which active runs stop now (A,) bool.
+    ``rows``: each active run's row in the ensemble."""
     active = runs.active
     improved = scores > runs.best_score[active]
-    if improved.any():
-        device = state["w0"].device
-        pos = torch.as_tensor(np.flatnonzero(improved), device=device)
-        ids = torch.as_tensor(active[improved], device=device)
-        for k, v in state.items():
-            best[k][ids] = v.detach()[pos]
+    _copy_rows(best, active[improved], state, rows[improved])
     runs.best_epoch[active[improved]] = epoch
     runs.best_score[active] = np.where(improved, scores, runs.best_score[active])
     runs.bad_epochs[active] = np.where(improved, 0, runs.bad_epochs[active] + 1)
     return (runs.bad_epochs[active] >= hp.patience) | (epoch == hp.epochs)
 
 
-def _drop_stopped(runs: _Runs, stop: np.ndarray, state: dict, last: dict, adam: _Adam) -> None:
-    """Keep the stopped runs' last weights and take them out of the ensemble (state and Adam moments)."""
-    device = state["w0"].device
-    pos = torch.as_tensor(np.flatnonzero(stop), device=device)
-    ids = torch.as_tensor(runs.active[stop], device=device)
-    keep = torch.as_tensor(np.flatnonzero(~stop), device=device)
-    for k, v in state.items():
-        last[k][ids] = v.detach()[pos]
-    for d in (state, adam.exp_avg, adam.exp_avg_sq):
-        for k in d:
-            d[k] = d[k].detach()[keep].contiguous()
-    runs.active = runs.active[~stop]
+def _compact_now(active: int, members: int, graphs: bool) -> bool:
+    """Whether the ensemble is compacted to its ``active`` runs after an epoch. Eagerly: whenever a run has
+    stopped (a masked run costs as much as a training one, and a new shape costs nothing). With CUDA graphs:
+    once at most half of it is still training, since a new shape is a new capture (at most log2(R) of them)."""
+    return 0 < active < members and (not graphs or active <= members // 2)
 
 
 def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                   seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None) -> Ensemble:
+                   seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None, *, graphs: bool | None = None
+                   ) -> Ensemble:
     """Train one run per seed, together, on the device of x_train. x: (n, d) float32; y: (n,) codes or floats.
-    ``on_epoch(epoch, active)``, if given, is called after each epoch with the number of runs still training."""
+    ``on_epoch(epoch, active)``, if given, is called after each epoch with the number of runs still training.
+    ``graphs``: replay the step as a CUDA graph (CUDA only; None: unless $PIPELINE_CUDA_GRAPHS is 0)."""
     started = time.perf_counter()
     device = x_train.device
-    init, gens = _init_state(seeds, x_train.shape[1], n_out, hp)
-    state = {k: v.to(device) for k, v in init.items()}
-    # CUDA dropout needs CUDA generators: reproducible there, but not the original's draws
-    noise_gens = gens if device.type == "cpu" else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    net, plan, gens, state = _start(seeds, x_train.shape[1], n_out, hp, task, device)
     best = {k: v.clone() for k, v in state.items()}
     last = {k: v.clone() for k, v in state.items()}
-    adam = _Adam.of(state)
     runs = _Runs.start(len(seeds), hp.lr)
+    use_graphs = _graphs_wanted(device, graphs)
+    steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
     for epoch in range(1, hp.epochs + 1):
-        active = runs.active
-        order = torch.stack([_epoch_order(gens[r], len(x_train)) for r in active]).to(device)  # (A, n)
-        train_loss, train_score = _train_epoch(state, adam, x_train, y_train, order, runs.lr[active],
-                                               [noise_gens[r] for r in active], hp, task)
-        with torch.no_grad():
-            val_out = evaluate(state, x_val, hp.depth)
-            val_loss = _loss(val_out, y_val[None].expand(len(active), -1), task)
-            val_score = _score(val_out, y_val, task)
-        host = torch.stack([train_loss, train_score, val_loss.to(torch.float64),
-                            val_score.to(torch.float64)]).cpu().numpy()  # one device sync per epoch
-        _record(runs, host)
-        if task == "regression":  # R^2 of the training batches is not meaningful: report it on the whole train set
-            with torch.no_grad():
-                train_r2 = _score(evaluate(state, x_train, hp.depth), y_train, task).cpu().numpy()
-            for pos, r in enumerate(active):
-                runs.curves["train_score"][r][-1] = train_r2[pos]
-        scores = host[3]
+        order = _epoch_orders(gens, net, runs.active, len(x_train)).to(device)  # (R, n): one copy per epoch
+        net.sums.zero_()
+        seen = _train_epoch(steps, order, hp.batch_size)
+        host = _epoch_numbers(net, plan, seen, (x_train, y_train), (x_val, y_val)).cpu().numpy()  # the epoch's one read
+        rows = np.searchsorted(net.members, runs.active)  # each active run's row
+        _record(runs, host[:, rows])
+        scores = host[3, rows]
         _plateau_step(runs, scores, hp)
-        stop = _early_stopping(runs, scores, epoch, state, best, hp)
-        if stop.any():
-            _drop_stopped(runs, stop, state, last, adam)
+        state = net.state(plan)
+        stop = _early_stopping(runs, scores, epoch, state, rows, best, hp)
+        _copy_rows(last, runs.active[stop], state, rows[stop])
+        runs.active = runs.active[~stop]
         if on_epoch is not None:
             on_epoch(epoch, len(runs.active))
         if len(runs.active) == 0:
             break
+        if _compact_now(len(runs.active), net.runs, use_graphs):
+            net = net.select(plan, np.searchsorted(net.members, runs.active))
+            steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
+        lr = np.where(np.isin(net.members, runs.active), runs.lr[net.members], 0.0)  # a stopped run is masked
+        net.lr.copy_(torch.as_tensor(lr, dtype=torch.float32))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     curves = {k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in runs.curves.items()}
+    out = f"w{hp.depth}"
+    best[out], last[out] = best[out][..., :n_out], last[out][..., :n_out]  # without _start's column of zeros
     return Ensemble(curves, runs.best_epoch, best, last, hp.depth, time.perf_counter() - started, str(device))
+
+
+def time_steps(x_train: torch.Tensor, y_train: torch.Tensor, seeds: list[int], hp: Hyper, task: str, n_out: int,
+               steps: int = 50, warmup: int = 5, graphs: bool | None = None) -> dict:
+    """Time ``steps`` training steps of the real step (``train_ensemble``'s, CUDA graph included) after ``warmup``
+    ones (and the graph's capture), on full-size batches of x_train's device.
+
+    Returns ms_per_step, runs, device, graphs (whether a CUDA graph replayed the steps), steps, batch_size and
+    host_syncs: on CUDA the timed steps run under ``torch.cuda.set_sync_debug_mode("error")``, so any host
+    synchronisation raises and the 0 returned is a measurement; None elsewhere (tests/test_step.py counts the
+    host reads of the CPU steps)."""
+    device = x_train.device
+    net, plan, gens, _ = _start(seeds, x_train.shape[1], n_out, hp, task, device)
+    use_graphs = _graphs_wanted(device, graphs)
+    stepper = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
+    order = _epoch_orders(gens, net, net.members, len(x_train)).to(device)
+    size = min(hp.batch_size, len(x_train))
+    batches = [order[:, i:i + size] for i in range(0, len(x_train) - size + 1, size)]
+    for i in range(warmup + (_WARMUP + 1 if use_graphs else 0)):
+        stepper(batches[i % len(batches)])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+    started = time.perf_counter()
+    try:
+        for i in range(steps):
+            stepper(batches[i % len(batches)])
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(mode)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"ms_per_step": 1e3 * seconds / max(steps, 1), "runs": len(seeds), "device": str(device),
+            "graphs": use_graphs, "steps": steps, "batch_size": size, "host_syncs": 0 if cuda else None}
 
 
 def fit(train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None):

@@ -1,7 +1,8 @@
 """The oracles the tests compare the pipeline with: plain loops written from the definitions, no batching.
 
 - the original training loop (nn.Sequential, a shuffled DataLoader, torch.optim.Adam, ReduceLROnPlateau),
-  which each run of pipeline/model.py's batched ensemble equals on the CPU (tests/test_train.py);
+  which each run of pipeline/model.py's batched ensemble equals on the CPU (tests/test_train.py, and with
+  the ensemble's dropout masks tests/test_step.py);
 - one per-sample numpy function per representation, float64 (tests/test_representations.py; bench/features.py
   times them as the original's per-sample feature loop);
 - DSiRe's classifier, dsire.py's steps one by one (``dsire_predict``; tests/test_knn_vote.py).
@@ -20,20 +21,35 @@ from torch import nn
 # --- the original training loop ----------------------------------------------------------------------
 
 
-def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp, n_classes: int, device="cpu") -> dict:
+class _GivenDropout(nn.Module):
+    """nn.Dropout whose masks are given: ``masks(step, layer, rows, width)`` -> multipliers (rows, width)."""
+
+    def __init__(self, masks, layer: int, clock: list):
+        super().__init__()
+        self.masks, self.layer, self.clock = masks, layer, clock
+
+    def forward(self, x):
+        return x * self.masks(self.clock[0], self.layer, *x.shape) if self.training else x
+
+
+def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp, n_classes: int, device="cpu",
+                 dropout_masks=None) -> dict:
     """One run of the original loop (classification): its curves, best epoch, and the test accuracy of its
     best-validation weights. ``hp`` is a pipeline.model.Hyper.
 
     The only departures from the original: a one-row last batch is skipped (BatchNorm would raise), and
     the best weights are deep-copied (the original kept a reference, so it evaluated the last weights).
+    ``dropout_masks(step, layer, rows, width)``, if given, replaces nn.Dropout's Bernoulli draws (which then
+    take nothing from torch's generator): step counts the optimizer steps from 1, layer the hidden layers from 0.
     """
     from sklearn.metrics import accuracy_score
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    layers, width = [], x_train.shape[1]
-    for _ in range(hp.depth):
-        layers += [nn.Linear(width, hp.hidden), nn.BatchNorm1d(hp.hidden), nn.ReLU(), nn.Dropout(hp.dropout)]
+    layers, width, clock = [], x_train.shape[1], [0]
+    for layer in range(hp.depth):
+        dropout = nn.Dropout(hp.dropout) if dropout_masks is None else _GivenDropout(dropout_masks, layer, clock)
+        layers += [nn.Linear(width, hp.hidden), nn.BatchNorm1d(hp.hidden), nn.ReLU(), dropout]
         width = hp.hidden
     model = nn.Sequential(*layers, nn.Linear(width, n_classes)).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=hp.batch_size,
@@ -52,6 +68,7 @@ def original_run(x_train, y_train, x_val, y_val, x_test, y_test, seed: int, hp, 
             if len(yb) < 2:
                 continue
             xb, yb = xb.to(device), yb.to(device)
+            clock[0] += 1
             optimizer.zero_grad()
             out = model(xb)
             loss = criterion(out, yb)

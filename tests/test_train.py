@@ -92,14 +92,16 @@ def test_regression_metrics_match_sklearn():
 
 
 def test_batched_ensemble_equals_the_original_loop():
-    """Each run of the ensemble is the original nn.Sequential/DataLoader/Adam loop with that seed (CPU).
+    """Each run of the ensemble is the original nn.Sequential/DataLoader/Adam loop with that seed (CPU), dropout 0.
 
     Tolerance: train losses within 1e-5 (float rounding of batched vs single matmuls); validation
-    accuracies, learning rates, best epochs and stopping epochs exactly equal.
+    accuracies, learning rates, best epochs and stopping epochs exactly equal. (With dropout the masks are
+    the ensemble's hash, not torch's Bernoulli draws: tests/test_step.py gives the original loop those masks
+    and asks the same; it also checks that a run alone and the same run among ten are equal bit for bit.)
     """
     x, y = toy()
     xv, yv = toy(40, seed=1)
-    hp = Hyper(hidden=32, epochs=25, patience=6, plateau_patience=1, batch_size=32)  # plateau_patience 1: LRs differ per run
+    hp = Hyper(hidden=32, epochs=25, patience=6, plateau_patience=1, batch_size=32, dropout=0.0)  # plateau 1: LRs differ
     seeds = [42, 43, 44]
     ens = train_ensemble(x, y, xv, yv, seeds, hp, "classification", 4)
     lrs = set()
@@ -115,31 +117,6 @@ def test_batched_ensemble_equals_the_original_loop():
             acc = metrics.classification(yv, model.evaluate(ens.best, xv, 3).argmax(-1), 4)["accuracy"][r]
         assert acc.item() == pytest.approx(ref["test_best"])
     assert len(lrs) > 1  # the plateau schedule did act
-
-
-def test_batched_equals_one_run_at_a_time():
-    """Tolerance: losses within 1e-3 relative, validation accuracy within one sample, outputs within 1e-2.
-
-    Rounding differs between a batch of 3 and of 1 in the matmuls, and the Linear biases before
-    BatchNorm have zero true gradient, so Adam amplifies their rounding noise: runs drift apart
-    slowly (~1e-6 after an epoch, ~1e-4 after ten), without changing what they learn.
-    """
-    x, y = toy(130, seed=3)
-    xv, yv = toy(30, seed=4)
-    hp = Hyper(hidden=16, depth=2, epochs=15, patience=4, batch_size=32)
-    together = train_ensemble(x, y, xv, yv, [7, 8, 9], hp, "classification", 4)
-    for r, seed in enumerate([7, 8, 9]):
-        alone = train_ensemble(x, y, xv, yv, [seed], hp, "classification", 4)
-        assert together.best_epoch[r] == alone.best_epoch[0]
-        for name in ("train_loss", "val_loss"):
-            np.testing.assert_allclose(together.curves[name][r], alone.curves[name][0], rtol=1e-3, err_msg=name)
-        np.testing.assert_allclose(together.curves["val_score"][r], alone.curves["val_score"][0], atol=1 / 30 + 1e-9)
-        np.testing.assert_array_equal(together.curves["lr"][r], alone.curves["lr"][0])
-        with torch.no_grad():
-            a = model.evaluate(together.best, xv, 2)[r]
-            b = model.evaluate(alone.best, xv, 2)[0]
-        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
-        assert (a.argmax(-1) == b.argmax(-1)).sum() >= 29
 
 
 def test_best_weights_are_copied_not_referenced():
