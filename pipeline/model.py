@@ -1,51 +1,51 @@
 """The trainer: an MLP (or a linear model) for R runs at once, its training step and its loop; pure torch, no store.
 
-Each weight has a leading run axis, so one step is a few batched matmuls for all runs, yet every run
-has its own initialisation, shuffling, dropout masks, BatchNorm statistics, learning rate schedule
-and early stopping.
+Each weight has a leading run axis, so one step is a few batched matmuls for all runs, yet every run has
+its own initialisation, shuffling, dropout masks, BatchNorm statistics, learning rate schedule and early
+stopping.
 
-**The step** (``train_step``) is a fixed sequence of device operations whatever the number of runs R
-and however many learning rates they have: it reads nothing back to the host, so on CUDA it is
-captured once as a CUDA graph and replayed (``_Steps``), and ``torch.compile(fullgraph=True)`` traces
-it whole. What makes that possible:
+**The step** (``train_step``) runs the same device operations whatever the number of runs R and however
+many learning rates they have, and reads nothing back to the host: on CUDA it is captured once as a CUDA
+graph and replayed (``_Steps``; ``graphs=False`` or $PIPELINE_CUDA_GRAPHS=0 runs it eagerly), and
+``torch.compile(fullgraph=True)`` traces it whole (``_Plan.traced``). How:
 
-- The weights of all runs live in one flat buffer (``_Net.params``), a contiguous (R, padded size)
-  block per weight; the network sees (R, in, out) views of it. Adam's moments and a scratch copy have
-  the same layout. Each run's block is padded to a multiple of ``_PAD`` elements: torch's fused Adam
-  kernel treats its last elements (a tensor's tail past the last full vector) with scalar code
-  whose rounding differs from the vector code's, and the padding keeps every real element in the
-  vector code, so a run's update is the same wherever it sits in the ensemble.
-- Adam: torch's fused kernel (one memory pass, the one behind ``Adam(fused=True)``) with a learning
-  rate of 1 on the scratch copy, then one ``lerp_`` per weight towards it with each run's learning
-  rate, an (R, 1) tensor on the device: ``p + lr * ((p - u) - p)`` is ``p - lr * u`` within float
-  rounding of ``u``. A stopped run has learning rate 0 and keeps its weights exactly (masked, its
-  shapes kept; its moments move, unused). The step count is a device tensor. ``torch.compile``
-  cannot trace the fused kernel on the CPU (its functionalisation fails), so the compiled step uses
-  the same update written as elementwise operations (``fused=False``), which inductor fuses itself.
-- Dropout for all runs is one draw per layer from a counter-based hash (``_mix32``, integer operations
-  on the device): run r's mask at step s, layer l, row i, unit j is a function of (its seed, s, l, i, j)
-  only, so it never depends on which runs share the ensemble. ``dropout_mask`` gives one run's mask.
-- A Linear bias enters through a matmul with a column of ones, so its gradient is a batched matmul
-  too (the gradient of a broadcast bias is a sum whose blocking, hence last bit, depends on R).
-- The epoch's shuffling is built on the host, once per epoch, and copied to the device once; the
-  host reads the epoch's numbers once, after its steps (early stopping, the plateau schedule, curves).
+- Weights: one flat buffer per ensemble (``_Net.params``), a contiguous (R, padded) block per weight, each
+  run's row padded to a multiple of _PAD elements; the network sees (R, in + 1, out) views of it (nn.Linear's
+  weight, transposed, with its bias as the last row, against a column of ones appended to the input).
+  Adam's moments share the layout. The views are made once per ensemble (``_Views``).
+- Adam for all runs: torch's fused kernel (one memory pass, as ``Adam(fused=True)``) with the initial
+  learning rate, then a run whose rate (its learning rate / the initial one) is below 1 moves from its old
+  weights towards that step by its rate, a device tensor (``_adam``); the step count is a device tensor too.
+  A stopped run has rate 0 and keeps its weights exactly (masked: shapes kept). The fused kernel does not
+  trace on the CPU (its functionalisation fails): the traced step writes the same update as elementwise
+  operations (inductor fuses them) and takes torch.func.grad_and_value's gradient, the eager one
+  torch.autograd.grad's.
+- Dropout: one draw for every run and layer from a counter-based hash (pipeline/masks.py, int32 operations
+  on the device): run r's mask at step s, layer l, element (i, j) is a function of (its seed, s, l, i, j)
+  alone, whatever the ensemble.
+- The host builds each epoch's shuffling and copies it once, and reads the epoch's numbers once, after its
+  steps (early stopping, the plateau schedule, the curves).
+- A stopped run: eagerly, the ensemble is compacted to the runs still training after any epoch where one
+  stopped (a new shape costs nothing); with CUDA graphs stopped runs stay, masked, until at most half the
+  ensemble trains, then it is compacted (``_compact_now``): at most log2(R) new shapes, each a new capture.
 
-Masked runs still cost compute. At an epoch boundary where at most half of the ensemble is still
-training, the ensemble is compacted to those runs (``_Net.select``): shapes change at most log2(R)
-times, and each change makes a new CUDA graph.
-
-**How exact it is.** With dropout 0, run r of ``train_ensemble`` is, on the CPU and up to float
-rounding, the plain loop with ``torch.manual_seed(seeds[r])``: ``nn.Sequential`` of ``depth`` x (Linear,
-BatchNorm1d, ReLU, Dropout) then Linear, a shuffled ``DataLoader``, ``torch.optim.Adam`` with L2 weight
-decay, ``ReduceLROnPlateau`` (mode max) on the validation score, early stopping with a copy of the best
-weights. That plain loop is tests/reference.py's ``original_run``, and tests/test_train.py checks the
-equality (same validation accuracies, learning rates and best epochs). It holds because each run draws
-from its own generator exactly what the plain loop draws from torch's global one, in the same order:
-model init, then per epoch the DataLoader's two seed draws and a randperm. With dropout > 0 the masks
-are the hash's, not torch's Bernoulli draws (those come from one generator per run, one call per run
-and layer, which no single device operation for all runs can reproduce): the reference loop then takes
-its masks from ``dropout_mask`` and the same equality holds (tests/test_step.py). And on the CPU a run
-trained within an ensemble is bit for bit the run trained alone, through masking and compaction.
+**How exact it is, on the CPU.** (1) Against the original: with dropout 0, run r of ``train_ensemble`` is,
+up to float rounding, the plain loop with ``torch.manual_seed(seeds[r])``: ``nn.Sequential`` of ``depth`` x
+(Linear, BatchNorm1d, ReLU, Dropout) then Linear, a shuffled ``DataLoader``, ``torch.optim.Adam`` with L2
+weight decay, ``ReduceLROnPlateau`` (mode max) on the validation score, early stopping with a copy of the
+best weights: tests/reference.py's ``original_run``, and tests/test_train.py finds the same validation
+accuracies, learning rates and best epochs. Each run draws from its own generator what the plain loop draws
+from torch's global one, in the same order: the init, then per epoch the DataLoader's two seed draws and a
+randperm. With dropout > 0 the masks are the hash's, not torch's Bernoulli draws from the global generator
+(one call per run and layer, which no single operation for every run can reproduce), so that comparison is
+made with the plain loop given the same masks (``masks.mask``): tests/test_step.py asks the same equality.
+(2) Against the ensemble: a run trained alone is bit for bit the run trained among others (curves, best
+epoch, best and last weights), through lowered learning rates, masking and compaction (tests/test_step.py).
+That needs every run's numbers computed the same way whatever R, which shapes the code: the bias inside the
+matmul (the gradient of a broadcast bias is a sum whose blocking depends on R); the padding to _PAD (the
+fused kernel's scalar tail rounds otherwise than its vector code); BatchNorm's input layout (``_batch_norm``);
+Adam's correction, a function of a run's own rate; a regression output of two columns, the second zeros (a
+(b, k) @ (k, 1) bmm rounds otherwise at R = 1). On CUDA neither equality is checked here.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
+from . import masks, metrics
 from .hyper import Hyper
 
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # torch.nn.BatchNorm1d defaults
@@ -71,6 +71,7 @@ GRAPHS_ENV = "PIPELINE_CUDA_GRAPHS"  # "0": CUDA steps run eagerly instead of re
 _WARMUP = 3  # eager steps (on a side stream) before a CUDA graph is captured: cuBLAS and autograd set up there
 _PAD = 64  # each run's block of a weight is padded to a multiple of this many elements (see the docstring)
 _VECTOR = 16  # floats in the widest CPU vector torch's kernels use (AVX-512); see _batch_norm
+_BIG = 1 << 15  # a weight of this many elements per run or more is stepped in place by Adam (see _adam)
 
 
 @dataclass
@@ -194,69 +195,6 @@ def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     return metrics.r2(y, out[..., 0])
 
 
-# --- dropout: a counter-based hash, one draw per layer for all runs ----------------------------------
-
-_LOWBIAS32 = (0x7FEB352D, 0x846CA68B - (1 << 32))  # lowbias32's multipliers (C. Wellons' hash prospector), as int32
-_GOLDEN = 0x9E3779B9 - (1 << 32)  # 2^32 / golden ratio, odd, as int32: spreads a counter over all 32 bits
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32, a bijective 32-bit integer hash, on int32 tensors. Multiplications wrap around (two's
-    complement, on the CPU and CUDA alike); each right shift is made logical by a mask (>> on int32 is
-    arithmetic). tests/test_step.py checks it against a numpy uint32 implementation."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _LOWBIAS32[0]
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _LOWBIAS32[1]
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
-def _cell_hash(x: torch.Tensor) -> torch.Tensor:
-    """The per-element hash of the masks, lowbias32 without its two outer xorshifts (6 operations fewer per
-    element of the largest tensors a step builds): its input is a well-mixed key plus a small counter, whose
-    high bits are already random, and the threshold on the signed result reads its high bits (the last
-    xorshift only changes the low ones)."""
-    x = x * _LOWBIAS32[0]
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    return x * _LOWBIAS32[1]
-
-
-def dropout_keys(seeds: list[int]) -> list[int]:
-    """Each run's dropout key, from its seed alone: splitmix64 of the seed, its low 32 bits as a signed int."""
-    out = []
-    for seed in seeds:
-        z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        low = (z ^ (z >> 31)) & 0xFFFFFFFF
-        out.append(low - (1 << 32) if low >= 1 << 31 else low)
-    return out
-
-
-def _dropout_noise(keys: torch.Tensor, step: torch.Tensor, depth: int, rows: int, width: int, p: float) -> list:
-    """Per hidden layer the dropout multipliers (R, rows, width) of every run at this step (a device int64 scalar).
-
-    Element (i, j) of run r in layer l is kept when the hash of (its key, step, l, i, j) is at least a
-    threshold, with probability 1 - p (to 2^-32): the key of (run, step, layer) is _mix32 of the run's key xor
-    the step-and-layer counter (times an odd constant); each element hashes that key plus its position i * width + j.
-    """
-    counter = (step * depth + torch.arange(depth, device=keys.device)).to(torch.int32) * _GOLDEN
-    layer_keys = _mix32(counter[None, :] ^ keys[:, None])  # (R, depth)
-    cells = torch.arange(rows * width, dtype=torch.int32, device=keys.device)
-    threshold = min(max(round(p * 2 ** 32) - 2 ** 31, -2 ** 31), 2 ** 31 - 1)  # uniform int32 >= threshold: 1 - p
-    keep = _cell_hash(cells[None, None, :] + layer_keys[:, :, None]) >= threshold  # every layer at once
-    noise = keep.to(torch.float32).mul_(1 / (1 - p)).view(len(keys), depth, rows, width)
-    return [noise[:, i] for i in range(depth)]
-
-
-def dropout_mask(seed: int, step: int, layer: int, depth: int, rows: int, width: int, p: float) -> torch.Tensor:
-    """The dropout multipliers (rows, width) of the run with this seed at training step ``step`` (1-based,
-    counted over the whole training) in hidden layer ``layer`` of ``depth``, for a batch of ``rows``: those
-    its ensemble step uses, whatever ensemble it is in."""
-    keys = torch.tensor(dropout_keys([seed]), dtype=torch.int32)
-    return _dropout_noise(keys, torch.tensor(step), depth, rows, width, p)[layer][0]
-
-
 # --- the ensemble's tensors: one flat buffer of weights, views per layer ------------------------------
 
 
@@ -269,16 +207,27 @@ class _Layout:
     shapes: tuple[tuple[int, ...], ...]  # per run
     pad: bool = True
 
+    @classmethod
+    def of(cls, state: dict, names: list[str], pad: bool = True) -> "_Layout":
+        """The weights ``names`` of ``state``, the small blocks first (a prefix of the buffer: see _adam)."""
+        names = sorted(names, key=lambda k: math.prod(state[k].shape[1:]) >= _BIG) if pad else names
+        return cls(tuple(names), tuple(tuple(state[k].shape[1:]) for k in names), pad)
+
     def sizes(self) -> list[int]:
         return [math.prod(s) for s in self.shapes]
 
     def padded(self) -> list[int]:
         return [-(-n // _PAD) * _PAD if self.pad else n for n in self.sizes()]
 
-    def blocks(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
-        """Each weight's block (R, padded) of ``flat``, contiguous."""
-        parts = flat.split([runs * n for n in self.padded()]) if self.names else ()
-        return {k: part.view(runs, n) for k, part, n in zip(self.names, parts, self.padded())}
+    def small(self) -> tuple[str, ...]:
+        """The blocks of fewer than _BIG elements per run (the buffer's first ones)."""
+        return tuple(k for k, n in zip(self.names, self.sizes()) if n < _BIG)
+
+    def blocks(self, flat: torch.Tensor, runs: int, names=None) -> dict[str, torch.Tensor]:
+        """Each weight's block (R, padded) of ``flat``, contiguous (of its first ``names`` only: a prefix)."""
+        names = self.names if names is None else names
+        parts = flat.split([runs * n for n in self.padded()[:len(names)]]) if names else ()
+        return {k: part.view(runs, n) for k, part, n in zip(names, parts, self.padded())}
 
     def views(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
         """Each weight as the network sees it, (R, *shape), a view of ``flat``."""
@@ -296,14 +245,16 @@ class _Layout:
 class _Plan:
     """What the step needs to know besides its tensors; fixed for a whole training."""
 
-    params: _Layout  # the trained weights (w, b, gamma, beta)
+    params: _Layout  # the trained weights (w, gamma, beta)
     stats: _Layout  # BatchNorm's running statistics (mean, var), unpadded: batch_norm updates them in place
     depth: int
     hidden: int
     dropout: float
+    lr: float  # the initial learning rate, the largest any run has (ReduceLROnPlateau only lowers it)
     weight_decay: float
     task: str
     threads: int  # torch's CPU threads when training started (_batch_norm's choice of layout)
+    dense: bool = False  # Adam's correction for the slower runs on every row (CUDA graphs: fixed shapes; see _adam)
     traced: bool = False  # for torch.compile: torch.func's gradient, Adam as elementwise ops (see train_step)
 
 
@@ -315,9 +266,11 @@ class _Net:
     stats: torch.Tensor  # flat, _Plan.stats layout
     exp_avg: torch.Tensor  # Adam's moments, like params
     exp_avg_sq: torch.Tensor
-    scratch: torch.Tensor  # like params: where the fused kernel writes the learning-rate-1 step
+    scratch: torch.Tensor  # like params, or its small blocks only (_adam)
     step: torch.Tensor  # () int64: steps taken (Adam's bias correction, the dropout counter)
-    lr: torch.Tensor  # (R,) float32: each member's learning rate, 0 once it has stopped
+    rate: torch.Tensor  # (R,) float32: each member's learning rate / _Plan.lr: 1, lower once lowered, 0 once stopped
+    slower: torch.Tensor  # (S,) int64: the members whose rate is below 1 (any number, 0 to R)
+    slower_rate: torch.Tensor  # (S, 1) float32: their rates
     keys: torch.Tensor  # (R,) int32: each member's dropout key
     sums: torch.Tensor  # (2, R) float64: the epoch's train loss x rows and correct predictions
     members: np.ndarray  # (R,) the run (position in seeds) of each row
@@ -331,6 +284,13 @@ class _Net:
         self.views = _Views.of(self, plan)
         return self
 
+    def set_rates(self, rates: np.ndarray) -> None:
+        """Each member's learning rate / _Plan.lr (host numbers, once per epoch: one copy each)."""
+        self.rate.copy_(torch.as_tensor(rates, dtype=torch.float32))
+        slower = np.flatnonzero(rates < 1)
+        self.slower = torch.as_tensor(slower, dtype=torch.int64).to(self.rate.device)
+        self.slower_rate = torch.as_tensor(rates[slower, None], dtype=torch.float32).to(self.rate.device)
+
     def clone(self, plan: _Plan) -> "_Net":
         """An independent copy (every tensor cloned, its own views)."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "views"}
@@ -340,8 +300,8 @@ class _Net:
         """The network's weights and statistics, name -> (R, ...) views (what ``forward`` and ``evaluate`` take)."""
         return {**plan.params.views(self.params, self.runs), **plan.stats.views(self.stats, self.runs)}
 
-    def select(self, plan: _Plan, rows: np.ndarray) -> "_Net":
-        """A smaller ensemble of these rows (the compaction): copies, in order."""
+    def select(self, plan: _Plan, rows: np.ndarray, rates: np.ndarray) -> "_Net":
+        """A smaller ensemble of these rows (the compaction): copies, in order, with these rates (set_rates)."""
         pos = torch.as_tensor(rows, device=self.params.device)
 
         def take(flat, layout):
@@ -349,9 +309,12 @@ class _Net:
             return torch.cat([b.index_select(0, pos).reshape(-1) for b in blocks]) if layout.names else flat
 
         params = take(self.params, plan.params)
-        return _Net(params, take(self.stats, plan.stats), take(self.exp_avg, plan.params), take(self.exp_avg_sq, plan.params),
-                    torch.empty_like(params), self.step.clone(), self.lr[pos], self.keys[pos],
-                    torch.zeros(2, len(rows), dtype=torch.float64, device=params.device), self.members[rows]).with_views(plan)
+        net = _Net(params, take(self.stats, plan.stats), take(self.exp_avg, plan.params),
+                   take(self.exp_avg_sq, plan.params), _scratch(params, plan, len(rows)), self.step.clone(),
+                   self.rate[pos], self.slower, self.slower_rate, self.keys[pos],
+                   torch.zeros(2, len(rows), dtype=torch.float64, device=params.device), self.members[rows])
+        net.set_rates(rates)
+        return net.with_views(plan)
 
 
 @dataclass(frozen=True)
@@ -363,36 +326,42 @@ class _Views:
     blocks: dict  # (R, padded): what Adam updates
     exp_avg: dict
     exp_avg_sq: dict
-    scratch: dict
+    scratch: dict  # the blocks a copy of which the fused kernel updates (_adam)
     stats: dict  # (R, width)
 
     @classmethod
     def of(cls, net: _Net, plan: _Plan) -> "_Views":
         runs, blocks = net.runs, plan.params.blocks
+        copied = plan.params.names if plan.dense else plan.params.small()
         return cls(plan.params.views(net.params, runs), blocks(net.params, runs), blocks(net.exp_avg, runs),
-                   blocks(net.exp_avg_sq, runs), blocks(net.scratch, runs), plan.stats.views(net.stats, runs))
+                   blocks(net.exp_avg_sq, runs), blocks(net.scratch, runs, copied), plan.stats.views(net.stats, runs))
 
 
-def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device, traced: bool = False
-           ) -> tuple[_Net, _Plan, list[torch.Generator], dict]:
+def _scratch(params: torch.Tensor, plan: _Plan, runs: int) -> torch.Tensor:
+    """Room for the copy _adam updates: every block (dense), or the small ones, the buffer's prefix."""
+    copied = plan.params.names if plan.dense else plan.params.small()
+    return params.new_empty(runs * sum(plan.params.padded()[:len(copied)]))
+
+
+def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device, graphs: bool = False,
+           traced: bool = False) -> tuple[_Net, _Plan, list[torch.Generator], dict]:
     """The initial ensemble on ``device``, its plan, each run's generator, and its state (R, ...) tensors."""
     init, gens = _init_state(seeds, n_in, n_out, hp)
     if n_out == 1:  # a second output column of zeros (never read, its gradient 0): no (b, in) @ (in, 1) bmm, whose
         init[f"w{hp.depth}"] = F.pad(init[f"w{hp.depth}"], (0, 1))  # rounding at R = 1 differs from R > 1
     state = {k: v.to(device) for k, v in init.items()}
-    names = [k for k in state if _is_param(k)]
-    stat_names = [k for k in state if not _is_param(k)]
-    plan = _Plan(_Layout(tuple(names), tuple(tuple(state[k].shape[1:]) for k in names)),
-                 _Layout(tuple(stat_names), tuple(tuple(state[k].shape[1:]) for k in stat_names), pad=False),
-                 hp.depth, hp.hidden, hp.dropout, hp.weight_decay, task, torch.get_num_threads(), traced)
+    plan = _Plan(_Layout.of(state, [k for k in state if _is_param(k)]),
+                 _Layout.of(state, [k for k in state if not _is_param(k)], pad=False),
+                 hp.depth, hp.hidden, hp.dropout, hp.lr, hp.weight_decay, task, torch.get_num_threads(), graphs, traced)
     runs = len(seeds)
     params = plan.params.pack(state, runs).to(device)
     net = _Net(params, plan.stats.pack(state, runs).to(device), torch.zeros_like(params), torch.zeros_like(params),
-               torch.empty_like(params), torch.zeros((), dtype=torch.int64, device=device),
-               torch.full((runs,), hp.lr, dtype=torch.float32, device=device),
-               torch.tensor(dropout_keys(seeds), dtype=torch.int32, device=device),
-               torch.zeros(2, runs, dtype=torch.float64, device=device), np.arange(runs)).with_views(plan)
-    return net, plan, gens, state
+               _scratch(params, plan, runs), torch.zeros((), dtype=torch.int64, device=device),
+               torch.ones(runs, dtype=torch.float32, device=device), None, None,
+               torch.tensor(masks.keys(seeds), dtype=torch.int32, device=device),
+               torch.zeros(2, runs, dtype=torch.float64, device=device), np.arange(runs))
+    net.set_rates(np.ones(runs))
+    return net.with_views(plan), plan, gens, state
 
 
 # --- the step ----------------------------------------------------------------------------------------
@@ -401,9 +370,16 @@ def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device
 def _adam(net: _Net, plan: _Plan, views: _Views, grads: dict) -> None:
     """torch.optim.Adam (L2 weight decay added to the gradient) for every run, each with its own learning rate.
 
-    Fused: the kernel takes a learning rate of 1 on a copy of the weights (scratch = p - u), and each weight
-    moves towards it by its run's learning rate: lerp(p, scratch, lr) = p - lr * u. Unfused: the same update
-    as elementwise operations. Both work on the padded blocks (the padding's gradient is 0, so it stays 0).
+    torch's fused kernel (one memory pass) takes one learning rate, the initial one, _Plan.lr: a run still at
+    it is updated exactly as by ``Adam(fused=True)``, p - lr u. A run whose rate r = lr_run / lr is below 1
+    (lowered by the plateau schedule, or 0: stopped and masked) then moves from its old weights towards that
+    step by r: lerp(p, p - lr u, r) = p - r lr u, to the rounding of u (exactly p at r = 0). Which needs its
+    old weights, so: the small blocks (the buffer's prefix) are copied whole and stepped on the copy, every
+    row lerped; the large ones are stepped in place, after a copy of the slower runs' rows only (none, most of
+    the time), which are lerped and put back: a large block costs one pass, whatever the rates. ``plan.dense``
+    (CUDA graphs: no shape may change between epochs) copies and lerps every block whole: the same numbers.
+    Either way each run's arithmetic depends on its own rate only. Unfused (``plan.traced``): the same update
+    as elementwise operations. All work on the padded blocks (the padding's gradient is 0, so it stays 0).
     """
     runs, names = net.runs, plan.params.names
     grads = {k: F.pad(grads[k].reshape(runs, n), (0, p - n)) if p > n else grads[k].reshape(runs, n)
@@ -411,25 +387,30 @@ def _adam(net: _Net, plan: _Plan, views: _Views, grads: dict) -> None:
     params, exp_avg, exp_avg_sq = views.blocks, views.exp_avg, views.exp_avg_sq
     beta1, beta2 = ADAM_BETAS
     step = net.step.to(torch.float32)
-    rate = net.lr.view(runs, 1)
-    if not plan.traced:
-        net.scratch.copy_(net.params)
-        moved = views.scratch
-        torch._fused_adam_([moved[k] for k in names], [grads[k] for k in names], [exp_avg[k] for k in names],
-                           [exp_avg_sq[k] for k in names], [], [step] * len(names), lr=1.0, beta1=beta1, beta2=beta2,
-                           weight_decay=plan.weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
+    rate = net.rate.view(runs, 1)
+    if plan.traced:
+        correction1 = 1 - beta1 ** step
+        correction2 = (1 - beta2 ** step).sqrt()
         for k in names:
-            params[k].lerp_(moved[k], rate)
+            p, g = params[k], grads[k]
+            if plan.weight_decay:
+                g = g.add(p, alpha=plan.weight_decay)
+            exp_avg[k].lerp_(g, 1 - beta1)
+            exp_avg_sq[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.sub_(exp_avg[k] / (exp_avg_sq[k].sqrt() / correction2 + ADAM_EPS) * (rate * plan.lr / correction1))
         return
-    correction1 = 1 - beta1 ** step
-    correction2 = (1 - beta2 ** step).sqrt()
-    for k in names:
-        p, g = params[k], grads[k]
-        if plan.weight_decay:
-            g = g.add(p, alpha=plan.weight_decay)
-        exp_avg[k].lerp_(g, 1 - beta1)
-        exp_avg_sq[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        p.sub_(exp_avg[k] / (exp_avg_sq[k].sqrt() / correction2 + ADAM_EPS) * (rate / correction1))
+    copied = views.scratch  # stepped on a copy, lerped whole
+    in_place = [k for k in names if k not in copied]
+    net.scratch.copy_(net.params[:net.scratch.numel()])
+    old = [params[k].index_select(0, net.slower) for k in in_place]
+    stepped = [copied[k] if k in copied else params[k] for k in names]
+    torch._fused_adam_(stepped, [grads[k] for k in names], [exp_avg[k] for k in names], [exp_avg_sq[k] for k in names],
+                       [], [step] * len(names), lr=plan.lr, beta1=beta1, beta2=beta2, weight_decay=plan.weight_decay,
+                       eps=ADAM_EPS, amsgrad=False, maximize=False)
+    for k in copied:
+        params[k].lerp_(copied[k], rate)
+    for k, before in zip(in_place, old):
+        params[k].index_copy_(0, net.slower, before.lerp_(params[k].index_select(0, net.slower), net.slower_rate))
 
 
 def train_step(net: _Net, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, plan: _Plan) -> None:
@@ -448,7 +429,7 @@ def train_step(net: _Net, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p
     xb = x.index_select(0, flat).view(runs, rows, x.shape[1])
     yb = y.index_select(0, flat).view(runs, rows)
     stats = views.stats
-    noise = _dropout_noise(net.keys, net.step, plan.depth, rows, plan.hidden, plan.dropout) if plan.dropout > 0 else None
+    noise = masks.noise(net.keys, net.step, plan.depth, rows, plan.hidden, plan.dropout) if plan.dropout > 0 else None
 
     def loss_of(params):
         out = forward({**params, **stats}, xb, plan.depth, train=True, noise=noise, threads=plan.threads)  # (R, rows, K)
@@ -627,11 +608,11 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
     ``graphs``: replay the step as a CUDA graph (CUDA only; None: unless $PIPELINE_CUDA_GRAPHS is 0)."""
     started = time.perf_counter()
     device = x_train.device
-    net, plan, gens, state = _start(seeds, x_train.shape[1], n_out, hp, task, device)
+    use_graphs = _graphs_wanted(device, graphs)
+    net, plan, gens, state = _start(seeds, x_train.shape[1], n_out, hp, task, device, graphs=use_graphs)
     best = {k: v.clone() for k, v in state.items()}
     last = {k: v.clone() for k, v in state.items()}
     runs = _Runs.start(len(seeds), hp.lr)
-    use_graphs = _graphs_wanted(device, graphs)
     steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
     for epoch in range(1, hp.epochs + 1):
         order = _epoch_orders(gens, net, runs.active, len(x_train)).to(device)  # (R, n): one copy per epoch
@@ -651,10 +632,11 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
         if len(runs.active) == 0:
             break
         if _compact_now(len(runs.active), net.runs, use_graphs):
-            net = net.select(plan, np.searchsorted(net.members, runs.active))
+            rows = np.searchsorted(net.members, runs.active)
+            net = net.select(plan, rows, runs.lr[runs.active] / hp.lr)
             steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
-        lr = np.where(np.isin(net.members, runs.active), runs.lr[net.members], 0.0)  # a stopped run is masked
-        net.lr.copy_(torch.as_tensor(lr, dtype=torch.float32))
+        else:  # a stopped run is masked: rate 0
+            net.set_rates(np.where(np.isin(net.members, runs.active), runs.lr[net.members] / hp.lr, 0.0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     curves = {k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in runs.curves.items()}
@@ -673,8 +655,8 @@ def time_steps(x_train: torch.Tensor, y_train: torch.Tensor, seeds: list[int], h
     synchronisation raises and the 0 returned is a measurement; None elsewhere (tests/test_step.py counts the
     host reads of the CPU steps)."""
     device = x_train.device
-    net, plan, gens, _ = _start(seeds, x_train.shape[1], n_out, hp, task, device)
     use_graphs = _graphs_wanted(device, graphs)
+    net, plan, gens, _ = _start(seeds, x_train.shape[1], n_out, hp, task, device, graphs=use_graphs)
     stepper = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
     order = _epoch_orders(gens, net, net.members, len(x_train)).to(device)
     size = min(hp.batch_size, len(x_train))
@@ -697,7 +679,7 @@ def time_steps(x_train: torch.Tensor, y_train: torch.Tensor, seeds: list[int], h
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     return {"ms_per_step": 1e3 * seconds / max(steps, 1), "runs": len(seeds), "device": str(device),
-            "graphs": use_graphs, "steps": steps, "batch_size": size, "host_syncs": 0 if cuda else None}
+            "graphs": stepper.graph is not None, "steps": steps, "batch_size": size, "host_syncs": 0 if cuda else None}
 
 
 def fit(train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: str, n_out: int, on_epoch=None):
