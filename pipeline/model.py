@@ -50,6 +50,7 @@ Adam's correction, a function of a run's own rate; a regression output of two co
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -71,7 +72,6 @@ GRAPHS_ENV = "PIPELINE_CUDA_GRAPHS"  # "0": CUDA steps run eagerly instead of re
 _WARMUP = 3  # eager steps (on a side stream) before a CUDA graph is captured: cuBLAS and autograd set up there
 _PAD = 64  # each run's block of a weight is padded to a multiple of this many elements (see the docstring)
 _VECTOR = 16  # floats in the widest CPU vector torch's kernels use (AVX-512); see _batch_norm
-_BIG = 1 << 15  # a weight of this many elements per run or more is stepped in place by Adam (see _adam)
 
 
 @dataclass
@@ -209,8 +209,6 @@ class _Layout:
 
     @classmethod
     def of(cls, state: dict, names: list[str], pad: bool = True) -> "_Layout":
-        """The weights ``names`` of ``state``, the small blocks first (a prefix of the buffer: see _adam)."""
-        names = sorted(names, key=lambda k: math.prod(state[k].shape[1:]) >= _BIG) if pad else names
         return cls(tuple(names), tuple(tuple(state[k].shape[1:]) for k in names), pad)
 
     def sizes(self) -> list[int]:
@@ -219,15 +217,10 @@ class _Layout:
     def padded(self) -> list[int]:
         return [-(-n // _PAD) * _PAD if self.pad else n for n in self.sizes()]
 
-    def small(self) -> tuple[str, ...]:
-        """The blocks of fewer than _BIG elements per run (the buffer's first ones)."""
-        return tuple(k for k, n in zip(self.names, self.sizes()) if n < _BIG)
-
-    def blocks(self, flat: torch.Tensor, runs: int, names=None) -> dict[str, torch.Tensor]:
-        """Each weight's block (R, padded) of ``flat``, contiguous (of its first ``names`` only: a prefix)."""
-        names = self.names if names is None else names
-        parts = flat.split([runs * n for n in self.padded()[:len(names)]]) if names else ()
-        return {k: part.view(runs, n) for k, part, n in zip(names, parts, self.padded())}
+    def blocks(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
+        """Each weight's block (R, padded) of ``flat``, contiguous; each run's row of it contiguous too."""
+        parts = flat.split([runs * n for n in self.padded()]) if self.names else ()
+        return {k: part.view(runs, n) for k, part, n in zip(self.names, parts, self.padded())}
 
     def views(self, flat: torch.Tensor, runs: int) -> dict[str, torch.Tensor]:
         """Each weight as the network sees it, (R, *shape), a view of ``flat``."""
@@ -250,11 +243,12 @@ class _Plan:
     depth: int
     hidden: int
     dropout: float
-    lr: float  # the initial learning rate, the largest any run has (ReduceLROnPlateau only lowers it)
+    lr: float  # the initial learning rate
+    levels: tuple[float, ...]  # every learning rate a run can have: lr, lr x factor, ... (the plateau schedule's)
     weight_decay: float
     task: str
     threads: int  # torch's CPU threads when training started (_batch_norm's choice of layout)
-    dense: bool = False  # Adam's correction for the slower runs on every row (CUDA graphs: fixed shapes; see _adam)
+    dense: bool = False  # Adam for fixed shapes (CUDA graphs): whole blocks, rates as a device tensor (see _adam)
     traced: bool = False  # for torch.compile: torch.func's gradient, Adam as elementwise ops (see train_step)
 
 
@@ -266,11 +260,10 @@ class _Net:
     stats: torch.Tensor  # flat, _Plan.stats layout
     exp_avg: torch.Tensor  # Adam's moments, like params
     exp_avg_sq: torch.Tensor
-    scratch: torch.Tensor  # like params, or its small blocks only (_adam)
+    scratch: torch.Tensor  # like params where _Plan.dense (_adam), else empty
     step: torch.Tensor  # () int64: steps taken (Adam's bias correction, the dropout counter)
     rate: torch.Tensor  # (R,) float32: each member's learning rate / _Plan.lr: 1, lower once lowered, 0 once stopped
-    slower: torch.Tensor  # (S,) int64: the members whose rate is below 1 (any number, 0 to R)
-    slower_rate: torch.Tensor  # (S, 1) float32: their rates
+    groups: tuple  # per learning rate of _Plan.levels, the members at it (numpy); a stopped member is in none
     keys: torch.Tensor  # (R,) int32: each member's dropout key
     sums: torch.Tensor  # (2, R) float64: the epoch's train loss x rows and correct predictions
     members: np.ndarray  # (R,) the run (position in seeds) of each row
@@ -284,24 +277,24 @@ class _Net:
         self.views = _Views.of(self, plan)
         return self
 
-    def set_rates(self, rates: np.ndarray) -> None:
-        """Each member's learning rate / _Plan.lr (host numbers, once per epoch: one copy each)."""
-        self.rate.copy_(torch.as_tensor(rates, dtype=torch.float32))
-        slower = np.flatnonzero(rates < 1)
-        self.slower = torch.as_tensor(slower, dtype=torch.int64).to(self.rate.device)
-        self.slower_rate = torch.as_tensor(rates[slower, None], dtype=torch.float32).to(self.rate.device)
+    def set_lrs(self, plan: _Plan, lrs: np.ndarray) -> None:
+        """Each member's learning rate, 0 for a stopped one (host numbers, once per epoch: one copy)."""
+        self.rate.copy_(torch.as_tensor(np.asarray(lrs) / plan.lr, dtype=torch.float32))
+        self.groups = tuple(np.flatnonzero(lrs == level) for level in plan.levels)
+        if sum(map(len, self.groups)) != np.count_nonzero(lrs):
+            raise RuntimeError(f"learning rates {sorted(set(lrs))} are not all on the schedule's {plan.levels}")
 
     def clone(self, plan: _Plan) -> "_Net":
         """An independent copy (every tensor cloned, its own views)."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "views"}
-        return _Net(**{k: v.clone() if isinstance(v, torch.Tensor) else v.copy() for k, v in tensors.items()}).with_views(plan)
+        return _Net(**{k: v.clone() if isinstance(v, torch.Tensor) else copy.copy(v) for k, v in tensors.items()}).with_views(plan)
 
     def state(self, plan: _Plan) -> dict:
         """The network's weights and statistics, name -> (R, ...) views (what ``forward`` and ``evaluate`` take)."""
         return {**plan.params.views(self.params, self.runs), **plan.stats.views(self.stats, self.runs)}
 
-    def select(self, plan: _Plan, rows: np.ndarray, rates: np.ndarray) -> "_Net":
-        """A smaller ensemble of these rows (the compaction): copies, in order, with these rates (set_rates)."""
+    def select(self, plan: _Plan, rows: np.ndarray, lrs: np.ndarray) -> "_Net":
+        """A smaller ensemble of these rows (the compaction): copies, in order, with these learning rates."""
         pos = torch.as_tensor(rows, device=self.params.device)
 
         def take(flat, layout):
@@ -311,9 +304,9 @@ class _Net:
         params = take(self.params, plan.params)
         net = _Net(params, take(self.stats, plan.stats), take(self.exp_avg, plan.params),
                    take(self.exp_avg_sq, plan.params), _scratch(params, plan, len(rows)), self.step.clone(),
-                   self.rate[pos], self.slower, self.slower_rate, self.keys[pos],
+                   self.rate[pos], (), self.keys[pos],
                    torch.zeros(2, len(rows), dtype=torch.float64, device=params.device), self.members[rows])
-        net.set_rates(rates)
+        net.set_lrs(plan, lrs)
         return net.with_views(plan)
 
 
@@ -326,21 +319,31 @@ class _Views:
     blocks: dict  # (R, padded): what Adam updates
     exp_avg: dict
     exp_avg_sq: dict
-    scratch: dict  # the blocks a copy of which the fused kernel updates (_adam)
+    scratch: dict  # _Plan.dense: the copy of the blocks the fused kernel updates
     stats: dict  # (R, width)
+    rows: tuple  # per member, its row of every block, of exp_avg's and of exp_avg_sq's: (p, m, v) lists
 
     @classmethod
     def of(cls, net: _Net, plan: _Plan) -> "_Views":
         runs, blocks = net.runs, plan.params.blocks
-        copied = plan.params.names if plan.dense else plan.params.small()
-        return cls(plan.params.views(net.params, runs), blocks(net.params, runs), blocks(net.exp_avg, runs),
-                   blocks(net.exp_avg_sq, runs), blocks(net.scratch, runs, copied), plan.stats.views(net.stats, runs))
+        p, m, v = blocks(net.params, runs), blocks(net.exp_avg, runs), blocks(net.exp_avg_sq, runs)
+        rows = tuple(tuple([t[k][r] for k in plan.params.names] for t in (p, m, v)) for r in range(runs))
+        scratch = blocks(net.scratch, runs) if plan.dense else {}
+        return cls(plan.params.views(net.params, runs), p, m, v, scratch, plan.stats.views(net.stats, runs), rows)
 
 
 def _scratch(params: torch.Tensor, plan: _Plan, runs: int) -> torch.Tensor:
-    """Room for the copy _adam updates: every block (dense), or the small ones, the buffer's prefix."""
-    copied = plan.params.names if plan.dense else plan.params.small()
-    return params.new_empty(runs * sum(plan.params.padded()[:len(copied)]))
+    """Room for the copy of the weights that _adam steps where _Plan.dense."""
+    return torch.empty_like(params) if plan.dense else params.new_empty(0)
+
+
+def _levels(hp: Hyper) -> tuple[float, ...]:
+    """Every learning rate ReduceLROnPlateau can give a run: lr, then x factor while that lowers it by more
+    than the scheduler's eps (the very products _plateau_step computes)."""
+    levels = [float(hp.lr)]
+    while levels[-1] - levels[-1] * hp.plateau_factor > 1e-8:
+        levels.append(levels[-1] * hp.plateau_factor)
+    return tuple(levels)
 
 
 def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device, graphs: bool = False,
@@ -351,16 +354,16 @@ def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device
         init[f"w{hp.depth}"] = F.pad(init[f"w{hp.depth}"], (0, 1))  # rounding at R = 1 differs from R > 1
     state = {k: v.to(device) for k, v in init.items()}
     plan = _Plan(_Layout.of(state, [k for k in state if _is_param(k)]),
-                 _Layout.of(state, [k for k in state if not _is_param(k)], pad=False),
-                 hp.depth, hp.hidden, hp.dropout, hp.lr, hp.weight_decay, task, torch.get_num_threads(), graphs, traced)
+                 _Layout.of(state, [k for k in state if not _is_param(k)], pad=False), hp.depth, hp.hidden,
+                 hp.dropout, hp.lr, _levels(hp), hp.weight_decay, task, torch.get_num_threads(), graphs, traced)
     runs = len(seeds)
     params = plan.params.pack(state, runs).to(device)
     net = _Net(params, plan.stats.pack(state, runs).to(device), torch.zeros_like(params), torch.zeros_like(params),
                _scratch(params, plan, runs), torch.zeros((), dtype=torch.int64, device=device),
-               torch.ones(runs, dtype=torch.float32, device=device), None, None,
+               torch.ones(runs, dtype=torch.float32, device=device), (),
                torch.tensor(masks.keys(seeds), dtype=torch.int32, device=device),
                torch.zeros(2, runs, dtype=torch.float64, device=device), np.arange(runs))
-    net.set_rates(np.ones(runs))
+    net.set_lrs(plan, np.full(runs, plan.lr))
     return net.with_views(plan), plan, gens, state
 
 
@@ -370,21 +373,19 @@ def _start(seeds: list[int], n_in: int, n_out: int, hp: Hyper, task: str, device
 def _adam(net: _Net, plan: _Plan, views: _Views, grads: dict) -> None:
     """torch.optim.Adam (L2 weight decay added to the gradient) for every run, each with its own learning rate.
 
-    torch's fused kernel (one memory pass) takes one learning rate, the initial one, _Plan.lr: a run still at
-    it is updated exactly as by ``Adam(fused=True)``, p - lr u. A run whose rate r = lr_run / lr is below 1
-    (lowered by the plateau schedule, or 0: stopped and masked) then moves from its old weights towards that
-    step by r: lerp(p, p - lr u, r) = p - r lr u, to the rounding of u (exactly p at r = 0). Which needs its
-    old weights, so: the small blocks (the buffer's prefix) are copied whole and stepped on the copy, every
-    row lerped; the large ones are stepped in place, after a copy of the slower runs' rows only (none, most of
-    the time), which are lerped and put back: a large block costs one pass, whatever the rates. ``plan.dense``
-    (CUDA graphs: no shape may change between epochs) copies and lerps every block whole: the same numbers.
-    Either way each run's arithmetic depends on its own rate only. Unfused (``plan.traced``): the same update
-    as elementwise operations. All work on the padded blocks (the padding's gradient is 0, so it stays 0).
+    Eagerly: torch's fused kernel (``Adam(fused=True)``'s, one memory pass) once per learning rate the plateau
+    schedule can give (_Plan.levels, a fixed number), on the rows of the members at it: each run's update is
+    ``Adam(fused=True)``'s with its learning rate, whatever the others'. A level with no member still gets its
+    call (with an empty tensor: the kernel refuses an empty list), so the operators never depend on the rates,
+    and a stopped member is in no level: its weights and moments do not move.
+    ``plan.dense`` (CUDA graphs, whose shapes are fixed): the kernel with the initial learning rate lr on a copy
+    of every block (scratch = p - lr u), then ``lerp(p, scratch, r)`` with each run's rate r = its lr / lr, a
+    device tensor: p - r lr u, to the rounding of u (exactly p at r = 0). ``plan.traced``: the dense update
+    as elementwise operations. All work on padded blocks (the padding's gradient is 0, so it stays 0).
     """
     runs, names = net.runs, plan.params.names
     grads = {k: F.pad(grads[k].reshape(runs, n), (0, p - n)) if p > n else grads[k].reshape(runs, n)
              for k, n, p in zip(names, plan.params.sizes(), plan.params.padded())}
-    params, exp_avg, exp_avg_sq = views.blocks, views.exp_avg, views.exp_avg_sq
     beta1, beta2 = ADAM_BETAS
     step = net.step.to(torch.float32)
     rate = net.rate.view(runs, 1)
@@ -392,25 +393,33 @@ def _adam(net: _Net, plan: _Plan, views: _Views, grads: dict) -> None:
         correction1 = 1 - beta1 ** step
         correction2 = (1 - beta2 ** step).sqrt()
         for k in names:
-            p, g = params[k], grads[k]
+            p, g, m, v = views.blocks[k], grads[k], views.exp_avg[k], views.exp_avg_sq[k]
             if plan.weight_decay:
                 g = g.add(p, alpha=plan.weight_decay)
-            exp_avg[k].lerp_(g, 1 - beta1)
-            exp_avg_sq[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            p.sub_(exp_avg[k] / (exp_avg_sq[k].sqrt() / correction2 + ADAM_EPS) * (rate * plan.lr / correction1))
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.sub_(m / (v.sqrt() / correction2 + ADAM_EPS) * (rate * plan.lr / correction1))
         return
-    copied = views.scratch  # stepped on a copy, lerped whole
-    in_place = [k for k in names if k not in copied]
-    net.scratch.copy_(net.params[:net.scratch.numel()])
-    old = [params[k].index_select(0, net.slower) for k in in_place]
-    stepped = [copied[k] if k in copied else params[k] for k in names]
-    torch._fused_adam_(stepped, [grads[k] for k in names], [exp_avg[k] for k in names], [exp_avg_sq[k] for k in names],
-                       [], [step] * len(names), lr=plan.lr, beta1=beta1, beta2=beta2, weight_decay=plan.weight_decay,
-                       eps=ADAM_EPS, amsgrad=False, maximize=False)
-    for k in copied:
-        params[k].lerp_(copied[k], rate)
-    for k, before in zip(in_place, old):
-        params[k].index_copy_(0, net.slower, before.lerp_(params[k].index_select(0, net.slower), net.slower_rate))
+    options = dict(beta1=beta1, beta2=beta2, weight_decay=plan.weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
+    if plan.dense:
+        net.scratch.copy_(net.params)
+        torch._fused_adam_([views.scratch[k] for k in names], [grads[k] for k in names],
+                           [views.exp_avg[k] for k in names], [views.exp_avg_sq[k] for k in names], [],
+                           [step] * len(names), lr=plan.lr, **options)
+        for k in names:
+            views.blocks[k].lerp_(views.scratch[k], rate)
+        return
+    grad_rows = [grads[k].unbind(0) for k in names]  # per block, every member's row
+    empty = net.scratch  # a tensor with no element
+    for level, members in zip(plan.levels, net.groups):
+        p, g, m, v = [empty], [empty], [empty], [empty]
+        for r in members:
+            rp, rm, rv = views.rows[r]
+            p += rp
+            m += rm
+            v += rv
+            g += [rows[r] for rows in grad_rows]
+        torch._fused_adam_(p, g, m, v, [], [step] * len(p), lr=level, **options)
 
 
 def train_step(net: _Net, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, plan: _Plan) -> None:
@@ -632,11 +641,10 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
         if len(runs.active) == 0:
             break
         if _compact_now(len(runs.active), net.runs, use_graphs):
-            rows = np.searchsorted(net.members, runs.active)
-            net = net.select(plan, rows, runs.lr[runs.active] / hp.lr)
+            net = net.select(plan, np.searchsorted(net.members, runs.active), runs.lr[runs.active])
             steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
-        else:  # a stopped run is masked: rate 0
-            net.set_rates(np.where(np.isin(net.members, runs.active), runs.lr[net.members] / hp.lr, 0.0))
+        else:  # a stopped run is masked: learning rate 0
+            net.set_lrs(plan, np.where(np.isin(net.members, runs.active), runs.lr[net.members], 0.0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     curves = {k: [np.asarray(c, dtype=np.float64) for c in v] for k, v in runs.curves.items()}
