@@ -12,14 +12,16 @@ graph and replayed (``_Steps``; ``graphs=False`` or $PIPELINE_CUDA_GRAPHS=0 runs
 - Weights: one flat buffer per ensemble (``_Net.params``), a contiguous (R, padded) block per weight, each
   run's row padded to a multiple of _PAD elements; the network sees (R, in + 1, out) views of it (nn.Linear's
   weight, transposed, with its bias as the last row, against a column of ones appended to the input).
-  Adam's moments share the layout. The views are made once per ensemble (``_Views``).
-- Adam for all runs: torch's fused kernel (one memory pass, as ``Adam(fused=True)``) with the initial
-  learning rate, then a run whose rate (its learning rate / the initial one) is below 1 moves from its old
-  weights towards that step by its rate, a device tensor (``_adam``); the step count is a device tensor too.
-  A stopped run has rate 0 and keeps its weights exactly (masked: shapes kept). The fused kernel does not
-  trace on the CPU (its functionalisation fails): the traced step writes the same update as elementwise
-  operations (inductor fuses them) and takes torch.func.grad_and_value's gradient, the eager one
-  torch.autograd.grad's.
+  Adam's moments share the layout. The views, and each run's rows of them, are made once per ensemble.
+- Adam for all runs: torch's fused kernel (one memory pass, ``Adam(fused=True)``'s) once per learning rate
+  the plateau schedule can give a run (``_Plan.levels``: lr, lr x factor, ..., a number fixed by the
+  hyper-parameters), on the rows of the runs at it; a stopped run is in none (masked: its weights stay, its
+  shapes too). Each run's update is then ``Adam(fused=True)``'s with its own learning rate. The step count is
+  a device tensor. A CUDA graph cannot change its lists every epoch, so there (``_Plan.dense``) the kernel
+  steps every block whole with the initial rate and each run moves by its rate (a device tensor) towards
+  that step. The fused kernel does not trace on the CPU (its functionalisation fails): the traced step writes
+  that update as elementwise operations (inductor fuses them) and takes torch.func.grad_and_value's gradient,
+  the eager one torch.autograd.grad's.
 - Dropout: one draw for every run and layer from a counter-based hash (pipeline/masks.py, int32 operations
   on the device): run r's mask at step s, layer l, element (i, j) is a function of (its seed, s, l, i, j)
   alone, whatever the ensemble.
@@ -42,10 +44,11 @@ made with the plain loop given the same masks (``masks.mask``): tests/test_step.
 (2) Against the ensemble: a run trained alone is bit for bit the run trained among others (curves, best
 epoch, best and last weights), through lowered learning rates, masking and compaction (tests/test_step.py).
 That needs every run's numbers computed the same way whatever R, which shapes the code: the bias inside the
-matmul (the gradient of a broadcast bias is a sum whose blocking depends on R); the padding to _PAD (the
-fused kernel's scalar tail rounds otherwise than its vector code); BatchNorm's input layout (``_batch_norm``);
-Adam's correction, a function of a run's own rate; a regression output of two columns, the second zeros (a
-(b, k) @ (k, 1) bmm rounds otherwise at R = 1). On CUDA neither equality is checked here.
+matmul (the gradient of a broadcast bias is a sum whose blocking depends on R); BatchNorm's input layout
+(``_batch_norm``); a regression output of two columns, the second zeros (a (b, k) @ (k, 1) bmm rounds
+otherwise at R = 1); the padding to _PAD (the fused kernel treats a tensor's last elements, past its last
+whole vector, with scalar code that rounds otherwise: padded, a run's row has none, whether the kernel takes
+it alone or within its block, as CUDA graphs do). On CUDA neither equality is checked here.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many hidden activations at onc
 CURVES = ("train_loss", "train_score", "val_loss", "val_score", "lr")  # per run, one value per epoch trained
 GRAPHS_ENV = "PIPELINE_CUDA_GRAPHS"  # "0": CUDA steps run eagerly instead of replaying a CUDA graph
 _WARMUP = 3  # eager steps (on a side stream) before a CUDA graph is captured: cuBLAS and autograd set up there
-_PAD = 64  # each run's block of a weight is padded to a multiple of this many elements (see the docstring)
+_PAD = 64  # each run's row of a weight's block is padded to a multiple of this many elements (see the docstring)
 _VECTOR = 16  # floats in the widest CPU vector torch's kernels use (AVX-512); see _batch_norm
 
 
@@ -321,13 +324,14 @@ class _Views:
     exp_avg_sq: dict
     scratch: dict  # _Plan.dense: the copy of the blocks the fused kernel updates
     stats: dict  # (R, width)
-    rows: tuple  # per member, its row of every block, of exp_avg's and of exp_avg_sq's: (p, m, v) lists
+    rows: tuple  # per member, its row of every block, of exp_avg's and of exp_avg_sq's: (p, m, v) lists (eager)
 
     @classmethod
     def of(cls, net: _Net, plan: _Plan) -> "_Views":
         runs, blocks = net.runs, plan.params.blocks
         p, m, v = blocks(net.params, runs), blocks(net.exp_avg, runs), blocks(net.exp_avg_sq, runs)
-        rows = tuple(tuple([t[k][r] for k in plan.params.names] for t in (p, m, v)) for r in range(runs))
+        per_level = not (plan.dense or plan.traced)
+        rows = tuple(tuple([t[k][r] for k in plan.params.names] for t in (p, m, v)) for r in range(runs * per_level))
         scratch = blocks(net.scratch, runs) if plan.dense else {}
         return cls(plan.params.views(net.params, runs), p, m, v, scratch, plan.stats.views(net.stats, runs), rows)
 
