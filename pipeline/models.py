@@ -103,7 +103,7 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-register(Model("mlp", 1, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
+register(Model("mlp", 2, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
 register(Model("linear", 2, "features", "pipeline.linear_probe:fit",
                "a converged L2 logistic regression (ridge for regression), full batch (L-BFGS), C chosen on val from "
                "10^-4..10^4; takes none of the MLP's hyper-parameters", fixed=NONE))
