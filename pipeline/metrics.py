@@ -7,6 +7,22 @@ over the labels present in y_true or y_pred, and a precision/recall/F1 with a ze
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The training loss, mean per run (R,): cross-entropy or squared error of outputs out (R, b, K or 1), y (R, b)."""
+    runs, rows = y.shape
+    if task == "classification":
+        return F.cross_entropy(out.reshape(runs * rows, -1), y.reshape(-1), reduction="none").view(runs, rows).mean(1)
+    return ((out[..., 0] - y) ** 2).mean(1)
+
+
+def score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The validation score per run (R,): accuracy or R^2 of outputs (R, n, K or 1) against y (n,)."""
+    if task == "classification":
+        return (out.argmax(-1) == y[None]).to(torch.float64).mean(1)
+    return r2(y, out[..., 0])
 
 
 def confusion(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -183,21 +183,6 @@ def evaluate(state: dict, x: torch.Tensor, depth: int) -> torch.Tensor:
         return torch.cat([forward(state, x[i:i + rows], depth) for i in range(0, len(x), rows)], dim=1)
 
 
-def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss per run (R,): out (R, b, K or 1), y (R, b)."""
-    runs, rows = y.shape
-    if task == "classification":
-        return F.cross_entropy(out.reshape(runs * rows, -1), y.reshape(-1), reduction="none").view(runs, rows).mean(1)
-    return ((out[..., 0] - y) ** 2).mean(1)
-
-
-def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Accuracy or R^2 per run (R,) of outputs (R, n, K or 1) against y (n,)."""
-    if task == "classification":
-        return (out.argmax(-1) == y[None]).to(torch.float64).mean(1)
-    return metrics.r2(y, out[..., 0])
-
-
 # --- the ensemble's tensors: one flat buffer of weights, views per layer ------------------------------
 
 
@@ -446,7 +431,7 @@ def train_step(net: _Net, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p
 
     def loss_of(params):
         out = forward({**params, **stats}, xb, plan.depth, train=True, noise=noise, threads=plan.threads)  # (R, rows, K)
-        loss = _loss(out, yb, plan.task)
+        loss = metrics.loss(out, yb, plan.task)
         return loss.sum(), (loss.detach(), out.detach())
 
     if plan.traced:
@@ -554,10 +539,10 @@ def _epoch_numbers(net: _Net, plan: _Plan, seen: int, train: tuple, val: tuple) 
     with torch.no_grad():
         state = net.state(plan)
         val_out = evaluate(state, val[0], plan.depth)
-        val_loss = _loss(val_out, val[1][None].expand(net.runs, -1), plan.task)
-        val_score = _score(val_out, val[1], plan.task)
+        val_loss = metrics.loss(val_out, val[1][None].expand(net.runs, -1), plan.task)
+        val_score = metrics.score(val_out, val[1], plan.task)
         if plan.task == "regression":
-            train_score = _score(evaluate(state, train[0], plan.depth), train[1], plan.task)
+            train_score = metrics.score(evaluate(state, train[0], plan.depth), train[1], plan.task)
         else:
             train_score = net.sums[1] / max(seen, 1)
         return torch.stack([net.sums[0] / max(seen, 1), train_score.to(torch.float64), val_loss.to(torch.float64),

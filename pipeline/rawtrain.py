@@ -25,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import metrics
 from .hyper import Hyper
@@ -105,21 +104,6 @@ def evaluate(net: Net, params: dict, x: RawFactors | RawSource, consts: dict, hp
             for i in range(0, len(positions), rows):
                 out[:, positions[i:i + rows]] = net.forward(params, _lead(factors.rows(slice(i, i + rows))), consts, hp)
     return out
-
-
-def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss per run (R,): out (R, b, K or 1), y (R, b)."""
-    runs, rows = y.shape
-    if task == "classification":
-        return F.cross_entropy(out.reshape(runs * rows, -1), y.reshape(-1), reduction="none").view(runs, rows).mean(1)
-    return ((out[..., 0] - y) ** 2).mean(1)
-
-
-def _score(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Accuracy or R^2 per run (R,) of outputs (R, n, K or 1) against y (n,)."""
-    if task == "classification":
-        return (out.argmax(-1) == y[None]).to(torch.float64).mean(1)
-    return metrics.r2(y, out[..., 0])
 
 
 # --- the optimiser -----------------------------------------------------------------------------------
@@ -209,7 +193,7 @@ def _train_epoch(net: Net, params: dict, adam: AdamW, x, y: torch.Tensor, consts
             index = order[:, start:start + hp.batch_size]
             yb = y_buffer[index]
             out = net.forward(params, factors.rows(index), consts, hp)
-            loss = _loss(out, yb, task)
+            loss = metrics.loss(out, yb, task)
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
             adamw_step(params, grads, adam, runs.lr[active], hp.weight_decay)
             with torch.no_grad():
@@ -247,8 +231,8 @@ def fit(net: Net, train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: s
         train_loss, train_score = _train_epoch(net, params, adam, x_train, y_train, consts, hp, task, runs, gens, block_gen, sst)
         with torch.no_grad():
             out = evaluate(net, params, x_val, consts, hp, n_out)
-            val_loss = _loss(out, y_val[None].expand(len(active), -1), task).cpu().numpy()
-            val_score = _score(out, y_val, task).cpu().numpy()
+            val_loss = metrics.loss(out, y_val[None].expand(len(active), -1), task).cpu().numpy()
+            val_score = metrics.score(out, y_val, task).cpu().numpy()
         for pos, r in enumerate(active):
             for name, value in zip(CURVES, (train_loss[pos], train_score[pos], val_loss[pos], val_score[pos], runs.lr[r])):
                 runs.curves[name][r].append(float(value))
