@@ -328,7 +328,7 @@ def _scratch(params: torch.Tensor, plan: _Plan, runs: int) -> torch.Tensor:
 
 def _levels(hp: Hyper) -> tuple[float, ...]:
     """Every learning rate ReduceLROnPlateau can give a run: lr, then x factor while that lowers it by more
-    than the scheduler's eps (the very products _plateau_step computes)."""
+    than the scheduler's eps (the very products plateau_step computes)."""
     levels = [float(hp.lr)]
     while levels[-1] - levels[-1] * hp.plateau_factor > 1e-8:
         levels.append(levels[-1] * hp.plateau_factor)
@@ -500,7 +500,7 @@ def _train_epoch(steps: _Steps, order: torch.Tensor, batch_size: int) -> int:
 
 
 @dataclass
-class _Runs:
+class Runs:
     """The loop's per-run bookkeeping, numpy arrays indexed by run (position in ``seeds``)."""
 
     active: np.ndarray  # the runs still training, in increasing order (as the ensemble's rows are)
@@ -513,7 +513,7 @@ class _Runs:
     curves: dict[str, list[list[float]]]
 
     @classmethod
-    def start(cls, runs: int, lr: float) -> "_Runs":
+    def start(cls, runs: int, lr: float) -> "Runs":
         return cls(np.arange(runs), np.full(runs, lr), np.full(runs, -np.inf), np.zeros(runs, int), np.zeros(runs, int),
                    np.full(runs, -np.inf), np.zeros(runs, int), {k: [[] for _ in range(runs)] for k in CURVES})
 
@@ -549,14 +549,14 @@ def _epoch_numbers(net: _Net, plan: _Plan, seen: int, train: tuple, val: tuple) 
                             val_score.to(torch.float64)])
 
 
-def _record(runs: _Runs, values: np.ndarray) -> None:
+def _record(runs: Runs, values: np.ndarray) -> None:
     """Append one epoch to the active runs' curves: values (4, A) = train loss, train score, val loss, val score."""
     for pos, r in enumerate(runs.active):
         for name, value in zip(CURVES, (*values[:, pos], runs.lr[r])):
             runs.curves[name][r].append(value)
 
 
-def _plateau_step(runs: _Runs, scores: np.ndarray, hp: Hyper) -> None:
+def plateau_step(runs: Runs, scores: np.ndarray, hp: Hyper) -> None:
     """ReduceLROnPlateau(mode="max", threshold=1e-4 relative), stepped on the active runs' validation scores (A,)."""
     active = runs.active
     better = scores > runs.plateau_best[active] * (1 + PLATEAU_THRESHOLD)
@@ -577,7 +577,7 @@ def _copy_rows(into: dict, ids: np.ndarray, state: dict, rows: np.ndarray) -> No
             into[k].index_copy_(0, ids, v.index_select(0, rows))
 
 
-def _early_stopping(runs: _Runs, scores: np.ndarray, epoch: int, state: dict, rows: np.ndarray, best: dict,
+def _early_stopping(runs: Runs, scores: np.ndarray, epoch: int, state: dict, rows: np.ndarray, best: dict,
                     hp: Hyper) -> np.ndarray:
     """Copy the weights of the runs whose validation score is strictly better (COPIED: the original kept a
     reference, so it evaluated the last weights); returns which active runs stop now (A,) bool.
@@ -610,7 +610,7 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
     net, plan, gens, state = _start(seeds, x_train.shape[1], n_out, hp, task, device, graphs=use_graphs)
     best = {k: v.clone() for k, v in state.items()}
     last = {k: v.clone() for k, v in state.items()}
-    runs = _Runs.start(len(seeds), hp.lr)
+    runs = Runs.start(len(seeds), hp.lr)
     steps = _Steps(net, plan, x_train, y_train, hp.batch_size, use_graphs)
     for epoch in range(1, hp.epochs + 1):
         order = _epoch_orders(gens, net, runs.active, len(x_train)).to(device)  # (R, n): one copy per epoch
@@ -620,7 +620,7 @@ def train_ensemble(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
         rows = np.searchsorted(net.members, runs.active)  # each active run's row
         _record(runs, host[:, rows])
         scores = host[3, rows]
-        _plateau_step(runs, scores, hp)
+        plateau_step(runs, scores, hp)
         state = net.state(plan)
         stop = _early_stopping(runs, scores, epoch, state, rows, best, hp)
         _copy_rows(last, runs.active[stop], state, rows[stop])

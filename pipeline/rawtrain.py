@@ -28,11 +28,10 @@ import torch
 
 from . import metrics
 from .hyper import Hyper
-from .model import CURVES
+from .model import CURVES, Runs, plateau_step  # the MLP's bookkeeping and schedule, shared
 from .rawdata import RawFactors, RawSource
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
-PLATEAU_THRESHOLD = 1e-4  # ReduceLROnPlateau's default (relative), as the MLP's
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many activations at once (128 MB)
 _BLOCK_SEED = 0x5EED  # the block order's generator: (first seed, this), apart from every run's own
 
@@ -147,39 +146,8 @@ def adamw_step(params: dict, grads: list, adam: AdamW, lr: np.ndarray, weight_de
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Runs:
-    """Per-run bookkeeping, numpy arrays indexed by run (position in ``seeds``)."""
-
-    active: np.ndarray  # the runs still training, in the order of the run axis of the parameters
-    lr: np.ndarray
-    best_score: np.ndarray
-    best_epoch: np.ndarray  # 0 until a finite validation score was seen
-    bad_epochs: np.ndarray
-    plateau_best: np.ndarray
-    plateau_bad: np.ndarray
-    curves: dict
-
-    @classmethod
-    def start(cls, runs: int, lr: float) -> "_Runs":
-        return cls(np.arange(runs), np.full(runs, lr), np.full(runs, -np.inf), np.zeros(runs, int), np.zeros(runs, int),
-                   np.full(runs, -np.inf), np.zeros(runs, int), {k: [[] for _ in range(runs)] for k in CURVES})
-
-
-def _plateau(runs: _Runs, scores: np.ndarray, hp: Hyper) -> None:
-    """ReduceLROnPlateau(mode="max", threshold=1e-4 relative) on the active runs' validation scores, as the MLP's."""
-    active = runs.active
-    better = scores > runs.plateau_best[active] * (1 + PLATEAU_THRESHOLD)
-    runs.plateau_best[active] = np.where(better, scores, runs.plateau_best[active])
-    runs.plateau_bad[active] = np.where(better, 0, runs.plateau_bad[active] + 1)
-    lower = active[runs.plateau_bad[active] > hp.plateau_patience]
-    smaller = runs.lr[lower] * hp.plateau_factor
-    runs.lr[lower] = np.where(runs.lr[lower] - smaller > 1e-8, smaller, runs.lr[lower])  # the scheduler's eps
-    runs.plateau_bad[lower] = 0
-
-
 def _train_epoch(net: Net, params: dict, adam: AdamW, x, y: torch.Tensor, consts: dict, hp: Hyper, task: str,
-                 runs: _Runs, gens: list, block_gen: np.random.Generator, sst: float) -> tuple[np.ndarray, np.ndarray]:
+                 runs: Runs, gens: list, block_gen: np.random.Generator, sst: float) -> tuple[np.ndarray, np.ndarray]:
     """One pass over the train split for the active runs; their mean train loss and train score (A,)."""
     device = next(iter(params.values())).device
     active = runs.active
@@ -223,7 +191,7 @@ def fit(net: Net, train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: s
     best = {k: v.detach().clone() for k, v in params.items()}
     last = {k: v.detach().clone() for k, v in params.items()}
     adam = AdamW.of(params)
-    runs = _Runs.start(len(seeds), hp.lr)
+    runs = Runs.start(len(seeds), hp.lr)
     block_gen = np.random.default_rng([seeds[0], _BLOCK_SEED])
     sst = float(((y_train - y_train.mean()) ** 2).sum()) if task == "regression" else 1.0
     for epoch in range(1, hp.epochs + 1):
@@ -236,7 +204,7 @@ def fit(net: Net, train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: s
         for pos, r in enumerate(active):
             for name, value in zip(CURVES, (train_loss[pos], train_score[pos], val_loss[pos], val_score[pos], runs.lr[r])):
                 runs.curves[name][r].append(float(value))
-        _plateau(runs, val_score, hp)
+        plateau_step(runs, val_score, hp)
         improved = val_score > runs.best_score[active]  # strictly; NaN never is
         if improved.any():
             where, ids = torch.as_tensor(np.flatnonzero(improved), device=device), torch.as_tensor(active[improved], device=device)
