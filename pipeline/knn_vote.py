@@ -117,15 +117,16 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp, task: str, n_out: int, o
     reference = stack(values, low, high)
     runs = len(seeds)
 
-    def classify(inputs: RawFactors) -> torch.Tensor:
-        return vote_scores(y[nearest(stack(voters(inputs), low, high), reference)], n_out)
+    def classify(scaled: torch.Tensor) -> torch.Tensor:
+        return vote_scores(y[nearest(scaled, reference)], n_out)
 
-    def predict(inputs: RawFactors, which: str) -> torch.Tensor:
-        return classify(inputs)[None].expand(runs, -1, -1)
+    def predict(inputs: RawFactors | RawSource, which: str) -> torch.Tensor:
+        return classify(stack(voters(inputs), low, high))[None].expand(runs, -1, -1)
 
     curves = {}
-    for split, (xs, ys) in (("train", train), ("val", val)):
-        accuracy = float((classify(xs).argmax(-1) == ys).to(DTYPE).mean())
+    # the train split's voters are the reference itself: not computed (nor a streamed split read) a second time
+    for split, scaled, ys in (("train", reference, y), ("val", stack(voters(val[0]), low, high), val[1])):
+        accuracy = float((classify(scaled).argmax(-1) == ys).to(DTYPE).mean())
         curves[f"{split}_score"], curves[f"{split}_loss"] = accuracy, 1.0 - accuracy
     curves["lr"] = 0.0
     if on_epoch is not None:
