@@ -177,17 +177,19 @@ def test_dw_is_never_formed(name):
 # --- the loop --------------------------------------------------------------------------------------------
 
 
-def test_adamw_step_is_torch_adamw():
-    """Two runs with their own learning rates, five steps: the same parameters as torch.optim.AdamW on each run."""
+@pytest.mark.parametrize("lr", [[1e-2, 3e-3, 1e-2], [3e-3, 3e-3, 3e-3]], ids=["own-rates", "one-rate"])
+def test_adamw_step_is_torch_adamw(lr):
+    """Three runs with their own learning rates (two groups) or one, five steps: the same parameters as
+    torch.optim.AdamW on each run."""
     g = torch.Generator().manual_seed(0)
-    start = {"w": torch.randn(2, 3, 4, generator=g), "b": torch.randn(2, 4, generator=g)}
-    grads = [[torch.randn(2, 3, 4, generator=g), torch.randn(2, 4, generator=g)] for _ in range(5)]
-    lr, decay = np.array([1e-2, 3e-3]), 0.1
+    start = {"w": torch.randn(3, 3, 4, generator=g), "b": torch.randn(3, 4, generator=g)}
+    grads = [[torch.randn(3, 3, 4, generator=g), torch.randn(3, 4, generator=g)] for _ in range(5)]
+    lr, decay = np.array(lr), 0.1
     params = {k: v.clone() for k, v in start.items()}
     adam = rawtrain.AdamW.of(params)
     for step in grads:
         rawtrain.adamw_step(params, step, adam, lr, decay)
-    for r in range(2):
+    for r in range(3):
         mine = [start[k][r].clone().requires_grad_() for k in ("w", "b")]
         opt = torch.optim.AdamW(mine, lr=float(lr[r]), weight_decay=decay)
         for step in grads:
