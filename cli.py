@@ -446,8 +446,9 @@ def _print_plan(config) -> None:
     if p.seconds_per_gflop is None:
         when = "time unknown: no run is stored yet to time this machine by (after one configuration, --dry-run estimates it)"
     else:
-        when = (f"about {_duration(p.seconds)} at the {p.timed_runs} stored runs' median {1 / p.seconds_per_gflop:.2f} "
-                "GFLOP/s (epochs as the stored runs stopped early)")
+        runs = f"{p.timed_runs} stored {p.timed_by} runs" if p.timed_by else f"{p.timed_runs} stored runs (of every model)"
+        when = (f"about {_duration(p.seconds)} at the {runs}' median {1 / p.seconds_per_gflop:.2f} GFLOP/s "
+                "(epochs as they stopped early)")
     click.echo(f"total: {p.todo} runs, {total:.1f} GFLOP, {when}")
 
 

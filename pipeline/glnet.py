@@ -114,3 +114,19 @@ NET = rawtrain.Net(init, forward, row_elements, prepare)
 def fit(train, val, seeds, hp, task, n_out, on_epoch=None):
     """pipeline/models.py's entry: the shared raw-factor loop (pipeline/rawtrain.py) with this network."""
     return rawtrain.fit(NET, train, val, seeds, hp, task, n_out, on_epoch)
+
+
+def forward_flops(shapes: list[tuple[int, int, int]], hp: dict, n_out: int) -> int:
+    """Matmul FLOPs of one run's forward pass on one adapter: W1 B and W2 A^T, each further layer's GL nonlinearity
+    (its row and column sums) and two h x h maps, the h x h product per module, and the head."""
+    h, depth = hp["hidden"], hp["depth"]
+    modules = sum(2 * h * r * (fan_in + fan_out) + (depth - 1) * 4 * h * r * (h + 1) + 2 * h * h * r
+                  for r, fan_in, fan_out in shapes)
+    return modules + 2 * HEAD * (len(shapes) * h * h + n_out)
+
+
+def cost(size, hp: dict, epochs: float, runs: int) -> float:
+    """pipeline/models.py's cost (``train --dry-run``)."""
+    from .models import epoch_cost
+
+    return epoch_cost(forward_flops(list(size.shapes), hp, size.n_out), size, epochs, runs)

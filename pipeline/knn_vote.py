@@ -136,3 +136,11 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp, task: str, n_out: int, o
         torch.cuda.synchronize(device)
     per_run = {name: [np.array([value], dtype=np.float64) for _ in range(runs)] for name, value in curves.items()}
     return Fitted(per_run, np.ones(runs, dtype=np.int64), predict, time.perf_counter() - started, str(device))
+
+
+def cost(size, hp: dict, epochs: float, runs: int) -> float:
+    """pipeline/models.py's cost (``train --dry-run``): one fit for all runs, about 3 FLOPs per voter value (r
+    singular values of each of A, B and B A per module) per pair of an adapter and a training adapter, for the
+    train and val splits twice (the curves, then the metrics) and the test split twice (best, last)."""
+    values = 3 * sum(rank for rank, _, _ in size.shapes)
+    return 3 * values * size.n["train"] * 2 * (size.n["train"] + size.n["val"] + size.n["test"])

@@ -238,3 +238,12 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp, task: str, n_out: int, o
         torch.cuda.synchronize(device)
     per_run = {name: [np.asarray(values, dtype=np.float64) for _ in range(runs)] for name, values in curves.items()}
     return Fitted(per_run, np.full(runs, best + 1), predict, time.perf_counter() - started, str(device))
+
+
+LBFGS_EVALUATIONS = 300  # a typical count of loss evaluations for the whole C grid (at most about MAX_ITER per C)
+
+
+def cost(size, hp: dict, epochs: float, runs: int) -> float:
+    """pipeline/models.py's cost (``train --dry-run``): one fit for all runs, about 4 FLOPs per weight per training
+    row per L-BFGS evaluation, for each C of the grid."""
+    return len(GRID) * (size.width + 1) * size.n_out * 4 * size.n["train"] * LBFGS_EVALUATIONS

@@ -688,3 +688,17 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp: Hyper, task: str, n_out:
     weights = {"best": ens.best, "last": ens.last}
     return Fitted(ens.curves, ens.best_epoch, lambda x, which: evaluate(weights[which], x, ens.depth), ens.seconds,
                   ens.device)
+
+
+def parameters(width: int, n_out: int, hp: dict) -> int:
+    """Weights of one run's network (its forward pass costs twice this in FLOPs per row)."""
+    if hp["depth"] == 0:
+        return width * n_out
+    return width * hp["hidden"] + (hp["depth"] - 1) * hp["hidden"] ** 2 + hp["hidden"] * n_out
+
+
+def cost(size, hp: dict, epochs: float, runs: int) -> float:
+    """pipeline/models.py's cost (``train --dry-run``): matmul FLOPs, 2 per weight per row, per epoch."""
+    from .models import epoch_cost
+
+    return epoch_cost(2 * parameters(size.width, size.n_out, hp), size, epochs, runs)

@@ -40,6 +40,23 @@ class Fitted:
 
 
 @dataclass(frozen=True)
+class Size:
+    """What a model's cost depends on (``Model.cost``): the numbers per adapter it reads (``width``), the (rank, in,
+    out) of each raw module it reads (none for stored features), its outputs and the rows per split."""
+
+    width: int
+    shapes: tuple
+    n_out: int
+    n: dict  # split -> rows
+
+
+def epoch_cost(forward_flops: float, size: Size, epochs: float, runs: int) -> float:
+    """FLOPs of training ``runs`` runs for ``epochs`` epochs, a forward pass costing ``forward_flops`` per adapter
+    and run: forward and backward (about 3 forward passes) on every training row, one on every validation row."""
+    return runs * forward_flops * (3 * size.n["train"] + size.n["val"]) * epochs
+
+
+@dataclass(frozen=True)
 class Model:
     """One model ``pipeline train --model NAME`` fits.
 
@@ -54,6 +71,7 @@ class Model:
     version: int
     inputs: str  # "features" or "raw"
     fit: str  # "module:function": fit(train, val, seeds, hp, task, n_out, on_epoch) -> Fitted; train, val: (x, y)
+    cost: str  # "module:function": cost(size: Size, hp: dict, epochs, runs) -> FLOPs of fitting runs (--dry-run)
     summary: str  # one line for --help and the docs
     tasks: tuple[str, ...] = TASKS
     fixed: dict = field(default_factory=dict)
@@ -76,8 +94,16 @@ class Model:
         return tuple(f.name for f in fields(Hyper) if f.name not in self.fixed)
 
     def fitter(self) -> Callable:
-        module, function = self.fit.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _resolve(self.fit)
+
+    def flops(self, size: Size, hp: dict, epochs: float, runs: int) -> float:
+        """FLOPs of fitting ``runs`` runs of at most ``epochs`` epochs (the ``--dry-run`` estimate); 0 for none."""
+        return float(_resolve(self.cost)(size, hp, epochs, runs)) if runs else 0.0
+
+
+def _resolve(where: str) -> Callable:
+    module, function = where.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 REGISTRY: dict[str, Model] = {}
@@ -103,18 +129,18 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-register(Model("mlp", 2, "features", "pipeline.model:fit", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
-register(Model("linear", 2, "features", "pipeline.linear_probe:fit",
+register(Model("mlp", 2, "features", "pipeline.model:fit", "pipeline.model:cost", "the original's MLP (Adam, early stopping, ReduceLROnPlateau)"))
+register(Model("linear", 2, "features", "pipeline.linear_probe:fit", "pipeline.linear_probe:cost",
                "a converged L2 logistic regression (ridge for regression), full batch (L-BFGS), C chosen on val from "
                "10^-4..10^4; takes none of the MLP's hyper-parameters", fixed=NONE))
-register(Model("knn-vote", 1, "raw", "pipeline.knn_vote:fit",
+register(Model("knn-vote", 1, "raw", "pipeline.knn_vote:fit", "pipeline.knn_vote:cost",
                "DSiRe's vote of per-module 1-nearest-neighbours on the singular values of A, B and BA (classification "
                "only; --rep raw); takes none of the MLP's hyper-parameters", tasks=("classification",), fixed=NONE))
 # The two that learn from the raw factors (docs/train.md, "Models on the raw factors"): their presets are their
 # papers' settings (LoL's diffusion scripts; MVProbe's train_*_probex.py); neither has dropout.
-register(Model("glnet", 1, "raw", "pipeline.glnet:fit",
+register(Model("glnet", 1, "raw", "pipeline.glnet:fit", "pipeline.glnet:cost",
                "LoL's GL-equivariant network on the raw factors (--depth equivariant layers of width --hidden; AdamW)",
                fixed={"dropout": 0.0}, preset={"depth": 1, "hidden": 64, "weight_decay": 0.0, "batch_size": 8}))
-register(Model("probe", 1, "raw", "pipeline.probe:fit",
+register(Model("probe", 1, "raw", "pipeline.probe:fit", "pipeline.probe:cost",
                "MVProbe-style learned probes of dW = sBA, first-order and Gram views, never forming dW (AdamW)",
                fixed={"dropout": 0.0}, preset={"depth": 1, "lr": 3e-4, "weight_decay": 0.0, "batch_size": 128}))

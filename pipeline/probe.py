@@ -115,3 +115,19 @@ NET = rawtrain.Net(init, forward, row_elements)
 def fit(train, val, seeds, hp, task, n_out, on_epoch=None):
     """pipeline/models.py's entry: the shared raw-factor loop (pipeline/rawtrain.py) with this network."""
     return rawtrain.fit(NET, train, val, seeds, hp, task, n_out, on_epoch)
+
+
+def forward_flops(shapes: list[tuple[int, int, int]], hp: dict, n_out: int) -> int:
+    """Matmul FLOPs of one run's forward pass on one adapter: per module the four views right to left (about
+    8 p r (in + out), and the r x r Grams), their projections (4 p q (in + out)), then the layers after them."""
+    p, q, h = PROBES, PROJECTION, hp["hidden"]
+    modules = sum(8 * p * r * (fan_in + fan_out) + 2 * r * r * (fan_in + fan_out + 2 * p) + 4 * p * q * (fan_in + fan_out)
+                  for r, fan_in, fan_out in shapes)
+    return modules + 2 * (4 * p * q * h + (hp["depth"] - 1) * h * h + h * n_out)
+
+
+def cost(size, hp: dict, epochs: float, runs: int) -> float:
+    """pipeline/models.py's cost (``train --dry-run``)."""
+    from .models import epoch_cost
+
+    return epoch_cost(forward_flops(list(size.shapes), hp, size.n_out), size, epochs, runs)

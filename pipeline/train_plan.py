@@ -5,6 +5,7 @@ what it would cost (FLOPs from the store's sizes; seconds from the timings of th
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -35,6 +36,7 @@ class Plan:
     n: dict  # rows per split
     timed_runs: int  # stored runs the estimate is based on
     seconds_per_gflop: float | None
+    timed_by: str = ""  # the model whose stored runs time the estimate; "" for every stored run (none of its own)
 
     @property
     def todo(self) -> int:
@@ -45,57 +47,32 @@ class Plan:
         return None if self.seconds_per_gflop is None else sum(p.seconds or 0.0 for p in self.configurations)
 
 
-LBFGS_EVALUATIONS = 300  # a typical count for the linear probe's whole grid (pipeline/linear_probe.py; at most ~MAX_ITER)
-
-
-def _parameters(width: int, classes: int, hp: dict) -> int:
-    """Weights of one run's network (the matmul FLOPs per row are twice this)."""
-    if hp["depth"] == 0:
-        return width * classes
-    return width * hp["hidden"] + (hp["depth"] - 1) * hp["hidden"] ** 2 + hp["hidden"] * classes
-
-
-def _flops(width: int, classes: int, hp: dict, model: str, n: dict, epochs: float, runs: int, voter_values: int = 0) -> float:
-    """FLOPs of training ``runs`` runs of one configuration. Epoch-trained models: about 6 per weight per training
-    row (forward and backward) and 2 per validation row, per epoch, per run. The deterministic models fit once for
-    all runs: linear, about 4 per weight per training row per L-BFGS evaluation, for each C of its grid; knn-vote,
-    about 3 per voter value (``voter_values`` per adapter) per pair of an adapter and a training adapter, for
-    the train and val splits twice (its curves, then the metrics) and test twice (best, last)."""
-    from .linear_probe import GRID
-
-    if runs == 0:
-        return 0.0
-    if model == "linear":
-        return len(GRID) * (width + 1) * classes * 4 * n["train"] * LBFGS_EVALUATIONS
-    if model == "knn-vote":
-        return 3 * voter_values * n["train"] * 2 * (n["train"] + n["val"] + n["test"])
-    return runs * _parameters(width, classes, hp) * (6 * n["train"] + 2 * n["val"]) * epochs
-
-
-def _voter_values(root: zarr.Group, names: list[str]) -> int:
-    """Numbers knn-vote compares per adapter: r singular values of each of A, B and B A per module."""
-    rank = {m["name"]: m["rank"] for m in root.attrs["modules"]}
-    return 3 * sum(rank[name] for name in names if name in rank)
+def _shapes(root: zarr.Group, names: list[str]) -> tuple:
+    """(rank, in, out) of each named raw module."""
+    modules = {m["name"]: m for m in root.attrs["modules"]}
+    return tuple((modules[n]["rank"], modules[n]["in"], modules[n]["out"]) for n in names if n in modules)
 
 
 def _timings(root: zarr.Group) -> tuple[list[float], list[float]]:
-    """(seconds per GFLOP, share of the epoch budget used) of every finished run stored."""
-    rates, used = [], []
+    """Per model: (seconds per GFLOP, share of the epoch budget used) of every finished run stored."""
+    rates, used = defaultdict(list), defaultdict(list)
     for _, group in store.configurations(root):
         a = group.attrs.asdict()
         conf = a.get("config") or {}
         if not {"feature_width", "n", "classes", "task"} <= set(a) or "epochs" not in conf:
             continue
-        classes = len(a["classes"]) if a["task"] == "classification" else 1
-        values = _voter_values(root, (a.get("layers") or {}).get(models.RAW, []))
+        if a["model"] not in models.REGISTRY:
+            continue
+        size = models.Size(a["feature_width"], _shapes(root, (a.get("layers") or {}).get(models.RAW, [])),
+                           len(a["classes"]) if a["task"] == "classification" else 1, a["n"])
         for run in store.runs_of(group, complete=True).values():
             r = run.attrs
-            size = r.get("ensemble_size", 1)
-            flops = _flops(a["feature_width"], classes, conf, a["model"], a["n"], r["epochs"], size, values) / size
+            together = r.get("ensemble_size", 1)
+            flops = models.get(a["model"]).flops(size, conf, r["epochs"], together) / together
             if flops > 0 and r.get("seconds"):
-                rates.append(r["seconds"] / (flops / 1e9))
+                rates[a["model"]].append(r["seconds"] / (flops / 1e9))
                 if conf["epochs"] > 0:  # the models that take no --epochs record 0
-                    used.append(r["epochs"] / conf["epochs"])
+                    used[a["model"]].append(r["epochs"] / conf["epochs"])
     return rates, used
 
 
@@ -109,7 +86,11 @@ def plan(config: TrainConfig) -> Plan:
     keep, _, task, classes = load_labels(root, location, config.label, config.task)
     check_task(config.model, task, config.label)
     n = {s: int(len(keep[s])) for s in SPLITS}
-    rates, used = _timings(root)
+    by_model, used_by_model = _timings(root)
+    # a model's own runs time it (a GL-net step and an MLP step use the machine very differently); else all runs
+    timed_by = config.model if by_model.get(config.model) else ""
+    rates = by_model[timed_by] if timed_by else [x for v in by_model.values() for x in v]
+    used = used_by_model[timed_by] if used_by_model.get(timed_by) else [x for v in used_by_model.values() for x in v]
     rate = float(np.median(rates)) if rates else None
     expected = config.epochs * (float(np.median(used)) if used else 1.0)
     hp = asdict(config.hyper())
@@ -136,7 +117,7 @@ def plan(config: TrainConfig) -> Plan:
         digest = config_hash(config_dict(root, config, setup, data))
         finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))
         todo = config.runs - finished
-        values = _voter_values(root, layers.get(models.RAW, []))
-        flops = _flops(width, len(classes) if task == "classification" else 1, hp, config.model, n, expected, todo, values)
+        size = models.Size(width, _shapes(root, layers.get(models.RAW, [])), len(classes) if task == "classification" else 1, n)
+        flops = models.get(config.model).flops(size, hp, expected, todo)
         out.append(Planned(setup, digest, width, finished, todo, flops, None if rate is None else rate * flops / 1e9))
-    return Plan(out, n, len(rates), rate)
+    return Plan(out, n, len(rates), rate, timed_by)

@@ -39,9 +39,15 @@ def nearest_mean_fit(train_split, val_split, seeds, hp, task, n_out, on_epoch=No
     return models.Fitted(curves, np.ones(runs, dtype=int), predict)
 
 
+def nearest_mean_cost(size, hp, epochs, runs):
+    """Its distances: 3 FLOPs per number per adapter and class mean."""
+    return 3 * size.width * size.n_out * sum(size.n.values())
+
+
 @pytest.fixture
 def nearest_mean(monkeypatch):
-    model = models.Model("nearest-mean", 1, "raw", f"{__name__}:nearest_mean_fit", "test model", fixed={})
+    model = models.Model("nearest-mean", 1, "raw", f"{__name__}:nearest_mean_fit", f"{__name__}:nearest_mean_cost",
+                         "test model", fixed={})
     monkeypatch.setitem(models.REGISTRY, model.name, model)
     return model
 

@@ -174,6 +174,25 @@ def test_dw_is_never_formed(name):
     assert max(int(np.prod(s)) for s in seen.shapes) < runs * batch * fan_in * fan_out / 4
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("name", NETS)
+def test_forward_flops_are_the_matmul_flops_torch_counts(name, depth):
+    """What ``train --dry-run`` estimates a raw model's cost from (its ``forward_flops``) is what torch's
+    FlopCounterMode counts in a forward pass of one run on one adapter (matmuls only; the elementwise rest is left
+    out of every model's estimate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = toy_factors(1)
+    net, hp = NETS[name].NET, Hyper(depth=depth, hidden=6)
+    params = net.init([torch.Generator().manual_seed(0)], rawtrain.shapes_of(x), hp, CLASSES)
+    consts = net.prepare(iter([x])) if net.prepare else {}
+    with FlopCounterMode(display=False) as counter:
+        net.forward(params, rawtrain._lead(x), consts, hp)
+    counted = counter.get_total_flops()
+    estimated = NETS[name].forward_flops(rawtrain.shapes_of(x), dataclasses.asdict(hp), CLASSES)
+    assert counted > 0 and estimated == counted
+
+
 # --- the loop --------------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,15 @@ def test_dry_run_prints_the_grid_and_writes_nothing(signal_store, tmp_path):
     again = run_cli(*args[:-1], "--runs", 3, "--dry-run")  # now timed by the stored runs, 2 of 3 finished each
     assert again.exit_code == 0, again.output
     assert again.output.count("1 runs to train, 2 finished") == 4
-    assert "at the 8 stored runs' median" in again.output and re.search(r"~\d+ s", again.output)
+    assert "at the 8 stored mlp runs' median" in again.output and re.search(r"~\d+ s", again.output)
+    other = run_cli("train", "--store", path, "--rep", "dw_norms", "--model", "linear", "--dry-run")  # none of its own
+    assert other.exit_code == 0, other.output
+    assert "at the 8 stored runs (of every model)' median" in other.output
+    planned = plan(TrainConfig(store=str(path), reps="dw_norms", model="linear", runs=2))
+    mlp_rate = plan(TrainConfig(store=str(path), reps="dw_norms", **FAST)).seconds_per_gflop
+    assert planned.timed_by == "" and planned.seconds_per_gflop == mlp_rate
+    train(TrainConfig(store=str(path), reps="dw_norms", model="linear", runs=1, quiet=True))
+    assert plan(TrainConfig(store=str(path), reps="dw_norms", model="linear", runs=2)).timed_by == "linear"
 
 
 def test_dry_run_on_a_read_only_store_with_a_personal_store_creates_nothing(signal_store, tmp_path):
