@@ -2,7 +2,8 @@
 (--models) the registered models against the MLP.
 
     python bench/train.py [--n 2000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
-    python bench/train.py --models [--n 5000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
+    python bench/train.py --models [--n 5000] [--reps <the nine>] [--runs 10] [--epochs 300] [--raw-epochs 300]
+                          [--device auto]
 
 On the --n adapter synthetic store (built under stores/bench/ with the requested representations if
 missing), for each representation, with every layer and the original hyper-parameters:
@@ -19,9 +20,12 @@ tests' oracle, tests/reference.py, is the same loop without them.
 
 --models (default --n 5000), all in this one process, each `pipeline train` call with --force: (1) one run of
 every registered model, every layer, on `ensemble` features (a model that reads the raw factors: on them),
-timed by `train` (its fit) and around it (with reading the data and writing the run); (2) the whole grid,
-every --reps representation x all/visual/text x --runs runs, of the MLP, of the linear probe, and knn-vote's
-(the raw factors x all/visual/text), and the share of the MLP grid's time the two take (target: under 5%).
+timed by `train` (its fit) and around it (with reading the data and writing the run), with the epochs it
+trained and its fit's seconds per epoch; the models that learn from the raw factors (glnet, probe) train at
+most --raw-epochs epochs (on SD-shaped adapters an epoch of theirs takes minutes on a CPU: time a few and read
+the seconds per epoch); (2) the whole grid, every --reps representation x all/visual/text x --runs runs, of
+the MLP, of the linear probe, and knn-vote's (the raw factors x all/visual/text), and the share of the MLP
+grid's time the two take (target: under 5%).
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def main() -> None:
     parser.add_argument("--reps", default=",".join(ORIGINAL_REPS))
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--raw-epochs", type=int, default=300, help="--models: most epochs of glnet's and probe's run")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--home", default=str(ROOT / "stores" / "bench"))
     parser.add_argument("--models", action="store_true", help="the registered models against the MLP (above)")
@@ -209,17 +214,21 @@ def models_benchmark(path: str, reps: tuple[str, ...], args, device: str, n: int
         torch.ones(1, device=device).sum().item()
     print(f"device {device}, torch threads {torch.get_num_threads()}, n {n}; one process, every train call --force")
     print()
-    print("| model | input | width | train (s) | its fit (s) | x MLP (fit) | test score |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | input | width | train (s) | its fit (s) | x MLP (fit) | epochs | fit s/epoch | test score |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     mlp_fit = None
     for name, model in models_mod.REGISTRY.items():
         rep = models_mod.RAW if model.inputs == "raw" else "ensemble"
         if "classification" not in model.tasks:
             continue  # the bench store's label is a classification label
-        wall, fit, (result,) = _timed_train(replace(base, model=name, reps=rep, layers="all", runs=1))
+        epochs = args.raw_epochs if model.inputs == "raw" and "epochs" in model.options() else args.epochs
+        wall, fit, (result,) = _timed_train(replace(base, model=name, reps=rep, layers="all", runs=1, epochs=epochs))
+        trained = store_mod.runs_of(store_mod.open_root(path)[store_mod.run_path(result.config_hash)])[0].attrs["epochs"]
         mlp_fit = fit if name == "mlp" else mlp_fit
         ratio = f"{fit / mlp_fit:.3f}" if mlp_fit else ""
-        print(f"| {name} | {rep} | {result.width} | {wall:.2f} | {fit:.2f} | {ratio} | {result.test_score:.3f} |", flush=True)
+        per_epoch = f"{fit / trained:.2f}" if "epochs" in model.options() else "(one fit)"
+        print(f"| {name} | {rep} | {result.width} | {wall:.2f} | {fit:.2f} | {ratio} | {trained} | {per_epoch} | "
+              f"{result.test_score:.3f} |", flush=True)
     print()
     grids = {"mlp": ",".join(reps), "linear": ",".join(reps), "knn-vote": models_mod.RAW}
     print(f"whole grids: {len(reps)} representations (knn-vote: the raw factors) x {LAYER_SETS} x {args.runs} runs")

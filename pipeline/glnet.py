@@ -78,11 +78,11 @@ def forward(params: dict, x: RawFactors, consts: dict, hp: Hyper) -> torch.Tenso
     products = []
     for m, (a, b, s) in enumerate(zip(x.A, x.B, x.scale)):
         c = (s.abs() / consts["rms"][m]).sqrt()[..., None, None]  # (R|1, b, 1, 1)
-        u = params[f"w1.{m}"][:, None] @ b * (c * torch.sign(s)[..., None, None])  # (R, b, h, r)
-        v = params[f"w2.{m}"][:, None] @ a.transpose(-1, -2) * c
+        u = rawtrain.runs_matmul(params[f"w1.{m}"], b) * (c * torch.sign(s)[..., None, None])  # (R, b, h, r)
+        v = rawtrain.runs_matmul(params[f"w2.{m}"], a.transpose(-1, -2)) * c
         for k in range(1, hp.depth):
             u, v = gl_nonlinearity(u, v)
-            u, v = params[f"wu.{k}.{m}"][:, None] @ u, params[f"wv.{k}.{m}"][:, None] @ v
+            u, v = rawtrain.runs_matmul(params[f"wu.{k}.{m}"], u), rawtrain.runs_matmul(params[f"wv.{k}.{m}"], v)
         products.append((u @ v.transpose(-1, -2)).flatten(-2))  # (R, b, h * h)
     z = torch.cat(products, -1)
     z = torch.baddbmm(params["lin1.b"][:, None], z, params["lin1.w"])

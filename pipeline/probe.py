@@ -67,15 +67,16 @@ def init(gens: list[torch.Generator], shapes: list[tuple[int, int, int]], hp: Hy
 
 
 def responses(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, probes: dict) -> dict[str, torch.Tensor]:
-    """The four views of X = s B A for factors A (..., r, in), B (..., out, r), s (...), from right to left; probes
-    ``{view: (R, 1, d, p)}``. Each (..., points, p); nothing larger than (points x p) or (r x r) per adapter."""
+    """The four views of X = s B A for factors A (R or 1, b, r, in), B (R or 1, b, out, r), s (R or 1, b), from
+    right to left; probes ``{view: (R, d, p)}``. Each (R, b, points, p); nothing larger than (points x p) or
+    (r x r) per adapter."""
     s = s[..., None, None]
     at, bt = a.mT, b.mT
     return {
-        "xu": s * (b @ (a @ probes["xu"])),
-        "xxtu": s * s * (b @ ((a @ at) @ (bt @ probes["xxtu"]))),
-        "xtu": s * (at @ (bt @ probes["xtu"])),
-        "xtxu": s * s * (at @ ((bt @ b) @ (a @ probes["xtxu"]))),
+        "xu": s * (b @ rawtrain.matmul_runs(a, probes["xu"])),
+        "xxtu": s * s * (b @ ((a @ at) @ rawtrain.matmul_runs(bt, probes["xxtu"]))),
+        "xtu": s * (at @ rawtrain.matmul_runs(bt, probes["xtu"])),
+        "xtxu": s * s * (at @ ((bt @ b) @ rawtrain.matmul_runs(a, probes["xtxu"]))),
     }
 
 
@@ -88,8 +89,9 @@ def features(params: dict, x: RawFactors) -> torch.Tensor:
     """The probe features (R, b, 4 p q): per module the four standardised, projected, rectified views, averaged."""
     total = 0
     for m, (a, b, s) in enumerate(zip(x.A, x.B, x.scale)):
-        views = responses(a, b, s, {view: params[f"probe.{view}.{m}"][:, None] for view in VIEWS})
-        parts = [torch.relu(standardise(views[view]).mT @ params[f"proj.{view}.{m}"][:, None]).flatten(-2) for view in VIEWS]
+        views = responses(a, b, s, {view: params[f"probe.{view}.{m}"] for view in VIEWS})
+        parts = [torch.relu(rawtrain.matmul_runs(standardise(views[view]).mT, params[f"proj.{view}.{m}"])).flatten(-2)
+                 for view in VIEWS]
         total = total + torch.cat(parts, -1)
     return total / len(x.A)
 

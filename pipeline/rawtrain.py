@@ -32,6 +32,10 @@ from .rawdata import RawFactors, RawSource
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many activations at once (128 MB)
+# A training step's batch goes through in parts of at most this many activations (row_elements), their gradients
+# summed: the step is the batch's; only its peak memory changes. (The backward keeps several tensors per
+# activation: probe's batches of 128 SD-sized adapters would otherwise hold about 20 GB.)
+_STEP_ELEMENTS = 1 << 26
 _BLOCK_SEED = 0x5EED  # the block order's generator: (first seed, this), apart from every run's own
 
 
@@ -88,6 +92,22 @@ def buffers(x: RawFactors | RawSource, gen: np.random.Generator | None = None):
 def _lead(x: RawFactors) -> RawFactors:
     """The factors with a leading axis of 1: shared by every run."""
     return RawFactors(x.modules, [a[None] for a in x.A], [b[None] for b in x.B], [s[None] for s in x.scale])
+
+
+def runs_matmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each run's map ``w`` (R, m, n) applied to its rows' ``x`` (R or 1, b, n, k): (R, b, m, k), as one bmm.
+    A broadcast ``w[:, None] @ x`` copies w once per row first (b x m x n numbers: on SD-sized modules more
+    memory traffic than the product itself); this copies only x, laid out as (R, n, b k)."""
+    runs, b, n, k = w.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    y = w @ x.expand(runs, -1, -1, -1).transpose(1, 2).reshape(runs, n, b * k)
+    return y.reshape(runs, -1, b, k).transpose(1, 2)
+
+
+def matmul_runs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` (R or 1, b, k, n) times each run's ``w`` (R, n, m): (R, b, k, m), as one bmm (without the copy
+    of w per row that a broadcast ``x @ w[:, None]`` makes)."""
+    runs, b, k, n = w.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    return (x.expand(runs, -1, -1, -1).reshape(runs, b * k, n) @ w).reshape(runs, b, k, -1)
 
 
 def evaluate(net: Net, params: dict, x: RawFactors | RawSource, consts: dict, hp: Hyper, n_out: int) -> torch.Tensor:
@@ -158,23 +178,28 @@ def _train_epoch(net: Net, params: dict, adam: AdamW, x, y: torch.Tensor, consts
     loss_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
     score_sum = torch.zeros(len(active), dtype=torch.float64, device=device)
     seen = 0
+    micro = max(1, _STEP_ELEMENTS // (len(active) * max(1, net.row_elements(shapes_of(x), hp))))
     for factors, positions in buffers(x, block_gen):
         y_buffer = y[torch.as_tensor(positions, device=device)]
         order = torch.stack([torch.randperm(len(positions), generator=gens[r]) for r in active]).to(device)
         for start in range(0, len(positions), hp.batch_size):
             index = order[:, start:start + hp.batch_size]
-            yb = y_buffer[index]
-            out = net.forward(params, factors.rows(index), consts, hp)
-            loss = metrics.loss(out, yb, task)
-            grads = torch.autograd.grad(loss.sum(), list(params.values()))
+            grads = None
+            for part in index.split(micro, dim=1):  # the whole batch at once unless its activations would not fit
+                yb = y_buffer[part]
+                out = net.forward(params, factors.rows(part), consts, hp)
+                loss = metrics.loss(out, yb, task)  # (A,): each run's mean over the part
+                weight = part.shape[1] / index.shape[1]
+                g = torch.autograd.grad((loss * weight).sum() if weight != 1 else loss.sum(), list(params.values()))
+                grads = g if grads is None else [total.add_(x) for total, x in zip(grads, g)]
+                with torch.no_grad():
+                    seen += part.shape[1]
+                    loss_sum += loss.detach().to(torch.float64) * part.shape[1]
+                    if task == "classification":
+                        score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
+                    else:
+                        score_sum += ((out[..., 0] - yb) ** 2).sum(1).to(torch.float64)
             adamw_step(params, grads, adam, runs.lr[active], hp.weight_decay)
-            with torch.no_grad():
-                seen += index.shape[1]
-                loss_sum += loss.detach().to(torch.float64) * index.shape[1]
-                if task == "classification":
-                    score_sum += (out.argmax(-1) == yb).sum(1).to(torch.float64)
-                else:
-                    score_sum += ((out[..., 0] - yb) ** 2).sum(1).to(torch.float64)
     loss, score = (loss_sum / seen).cpu().numpy(), score_sum.cpu().numpy()
     return loss, score / seen if task == "classification" else 1 - score / sst
 

@@ -233,6 +233,28 @@ def test_runs_trained_together_are_the_runs_trained_alone(name):
         torch.testing.assert_close(together.predict(xv, "best")[r], alone.predict(xv, "best")[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", NETS)
+def test_a_batch_too_large_for_memory_goes_through_in_parts_with_the_same_step(name, monkeypatch):
+    """With a step budget of a few rows' activations, each batch of 8 goes through in parts of 3, 3 and 2, their
+    gradients summed: the same runs (curves and predictions) as whole batches, up to float rounding."""
+    x, y = toy_factors(30), torch.arange(30) % CLASSES
+    xv, yv = toy_factors(9, seed=5), torch.arange(9) % CLASSES
+    hp = Hyper(depth=2, hidden=6, epochs=3, patience=3, batch_size=8, lr=1e-2, weight_decay=0.0)
+    whole = NETS[name].fit((x, y), (xv, yv), [3, 4], hp, "classification", CLASSES)
+    per_row = NETS[name].NET.row_elements(rawtrain.shapes_of(x), hp)
+    monkeypatch.setattr(rawtrain, "_STEP_ELEMENTS", 2 * 3 * per_row)  # 2 runs x 3 rows
+    parts = []
+    forward = NETS[name].NET.forward
+    monkeypatch.setattr(NETS[name], "NET", dataclasses.replace(
+        NETS[name].NET, forward=lambda p, f, c, h: parts.append(f.A[0].shape[1]) or forward(p, f, c, h)))
+    split = NETS[name].fit((x, y), (xv, yv), [3, 4], hp, "classification", CLASSES)
+    assert parts[:4] == [3, 3, 2, 3]  # the first batches of the first epoch, in parts (30 rows: 8, 8, 8, 6)
+    for curve in ("train_loss", "train_score", "val_loss", "val_score"):
+        np.testing.assert_allclose(split.curves[curve][0], whole.curves[curve][0], rtol=1e-5)
+        np.testing.assert_allclose(split.curves[curve][1], whole.curves[curve][1], rtol=1e-5)
+    torch.testing.assert_close(split.predict(xv, "best"), whole.predict(xv, "best"), rtol=1e-4, atol=1e-5)
+
+
 # --- on a store: learning, the bytes read, report and info ------------------------------------------------
 
 
