@@ -43,7 +43,9 @@ NONE = {f.name: type(f.default)(0) for f in fields(Hyper)}  # a model that takes
 
 def unset_by_default(cls):
     """Class decorator, applied before ``dataclass``: each Hyper field of ``cls`` (a Hyper subclass) defaults to
-    None, "not given", keeping its place and its help; the class fills the Nones in ``__post_init__``."""
+    None, "not given", keeping its place and its help; the class resolves the Nones when it is read (TrainConfig's
+    ``given``), never in place: a copy made with ``dataclasses.replace`` for another model must get that model's
+    preset, not the first one's."""
     annotations = dict(cls.__dict__.get("__annotations__", {}))
     for f in fields(Hyper):
         annotations[f.name] = f"{f.type} | None"

@@ -66,32 +66,38 @@ class TrainConfig(Hyper):
     raw_memory: int | None = None  # bytes of raw factors kept on the device (rawdata.place); None: rawdata.memory_budget
 
     def __post_init__(self):
-        unset = models.get(self.model).unset()  # an unknown model: one line naming the models
-        for f in fields(Hyper):
-            if getattr(self, f.name) is None:
-                object.__setattr__(self, f.name, getattr(unset, f.name))  # frozen: the one write, while it is made
+        h = self.given()  # an unknown model: one line naming the models
         finite = math.isfinite  # NaN fails every comparison below, but inf passes "> 0"
-        checks = [("runs", 1 <= self.runs <= MAX_RUNS, f"1 to {MAX_RUNS}"), ("hidden", 1 <= self.hidden <= MAX_WIDTH, f"1 to {MAX_WIDTH}"),
-                  ("depth", 1 <= self.depth <= MAX_DEPTH, f"1 to {MAX_DEPTH}"), ("dropout", 0 <= self.dropout < 1, "0 <= p < 1"),
-                  ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
-                  ("weight-decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
-                  ("batch-size", self.batch_size >= 2, "2 or more"), ("epochs", self.epochs >= 1, "1 or more"),
-                  ("patience", self.patience >= 1, "1 or more"), ("plateau-patience", self.plateau_patience >= 0, "0 or more"),
-                  ("plateau-factor", 0 < self.plateau_factor < 1, "0 < f < 1"),
-                  ("seed", 0 <= self.seed and self.seed + self.runs < 1 << 63, "0 <= seed, seed + runs < 2**63"),
-                  ("raw-memory", self.raw_memory is None or self.raw_memory >= 0, "a size of 0 bytes or more")]
-        for name, ok, rule in checks:
+        checks = [("runs", self.runs, 1 <= self.runs <= MAX_RUNS, f"1 to {MAX_RUNS}"),
+                  ("hidden", h.hidden, 1 <= h.hidden <= MAX_WIDTH, f"1 to {MAX_WIDTH}"),
+                  ("depth", h.depth, 1 <= h.depth <= MAX_DEPTH, f"1 to {MAX_DEPTH}"),
+                  ("dropout", h.dropout, 0 <= h.dropout < 1, "0 <= p < 1"),
+                  ("lr", h.lr, finite(h.lr) and h.lr > 0, "a finite number > 0"),
+                  ("weight-decay", h.weight_decay, finite(h.weight_decay) and h.weight_decay >= 0, "a finite number >= 0"),
+                  ("batch-size", h.batch_size, h.batch_size >= 2, "2 or more"), ("epochs", h.epochs, h.epochs >= 1, "1 or more"),
+                  ("patience", h.patience, h.patience >= 1, "1 or more"),
+                  ("plateau-patience", h.plateau_patience, h.plateau_patience >= 0, "0 or more"),
+                  ("plateau-factor", h.plateau_factor, 0 < h.plateau_factor < 1, "0 < f < 1"),
+                  ("seed", self.seed, 0 <= self.seed and self.seed + self.runs < 1 << 63, "0 <= seed, seed + runs < 2**63"),
+                  ("raw-memory", self.raw_memory, self.raw_memory is None or self.raw_memory >= 0, "a size of 0 bytes or more")]
+        for name, value, ok, rule in checks:
             if not ok:
-                raise PipelineError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; use {rule}")
+                raise PipelineError(f"--{name} {value!r} is out of range; use {rule}")
         if self.task not in TASKS:
             raise PipelineError(f"unknown --task {self.task!r}; use {', '.join(TASKS)}")
         cluster.check_workers(self.workers)
         cluster.check_device(self.device)
 
+    def given(self) -> Hyper:
+        """This config's hyper-parameters, its model's preset for each one left at None (not given). The Nones stay
+        in the config, so that ``dataclasses.replace(config, model=...)`` gives the new model its own preset."""
+        unset = models.get(self.model).unset()
+        return Hyper(**{f.name: getattr(unset if getattr(self, f.name) is None else self, f.name) for f in fields(Hyper)})
+
     def hyper(self) -> Hyper:
-        """What the model trains with: this config's hyper-parameters, with those its model fixes set
+        """What the model trains with: this config's hyper-parameters (``given``), with those its model fixes set
         (``linear``: depth 0, no hidden layer, no dropout)."""
-        return models.get(self.model).hyper(Hyper(**{f.name: getattr(self, f.name) for f in fields(Hyper)}))
+        return models.get(self.model).hyper(self.given())
 
 
 # --- the grid ----------------------------------------------------------------------------------------
@@ -677,7 +683,7 @@ class _Bar:
 
     def __init__(self, progress, configurations: int, config: TrainConfig):
         self.progress, self.configurations, self.bar = progress, configurations, None
-        self.total, self.runs_done, self.epochs = configurations * config.runs, 0, config.epochs
+        self.total, self.runs_done, self.epochs = configurations * config.runs, 0, config.given().epochs
         self.setup, self.shown = None, 0.0
 
     def _shown(self):

@@ -92,7 +92,7 @@ def plan(config: TrainConfig) -> Plan:
     rates = by_model[timed_by] if timed_by else [x for v in by_model.values() for x in v]
     used = used_by_model[timed_by] if used_by_model.get(timed_by) else [x for v in used_by_model.values() for x in v]
     rate = float(np.median(rates)) if rates else None
-    expected = config.epochs * (float(np.median(used)) if used else 1.0)
+    expected = config.given().epochs * (float(np.median(used)) if used else 1.0)
     hp = asdict(config.hyper())
     out = []
     for setup in plan_grid(root, config):

@@ -371,9 +371,14 @@ def test_place_keeps_what_fits_and_streams_the_rest(factor_store):
 
 def test_each_model_has_its_own_defaults():
     """An option not given takes the model's default (its paper's); one given is kept, even Hyper's own value."""
-    assert (TrainConfig(model="glnet").hidden, TrainConfig(model="glnet").batch_size) == (64, 8)
-    assert TrainConfig(model="glnet", hidden=512).hidden == 512 and TrainConfig().hidden == 512
-    assert TrainConfig(model="probe").lr == 3e-4 and TrainConfig(model="probe").hyper().dropout == 0.0
+    assert (TrainConfig(model="glnet").hyper().hidden, TrainConfig(model="glnet").hyper().batch_size) == (64, 8)
+    assert TrainConfig(model="glnet", hidden=512).hyper().hidden == 512 and TrainConfig().hyper().hidden == 512
+    assert TrainConfig(model="probe").hyper().lr == 3e-4 and TrainConfig(model="probe").hyper().dropout == 0.0
+    # a copy for another model gets that model's defaults, not the first one's (bench/train.py makes its grid so)
+    mlp = TrainConfig(epochs=7)
+    glnet_copy = dataclasses.replace(mlp, model="glnet")
+    assert (glnet_copy.hyper().hidden, glnet_copy.hyper().batch_size, glnet_copy.hyper().epochs) == (64, 8, 7)
+    assert dataclasses.replace(glnet_copy, model="mlp").hyper() == mlp.hyper()
     assert models.get("glnet").defaults()["depth"] == 1 and "dropout" not in models.get("probe").options()
     conf = {"reps": [{"name": "raw"}], "layer_set": "all", "label": "label", "model": "glnet", "seed": 42,
             **dataclasses.asdict(TrainConfig(model="glnet", hidden=512).hyper())}
