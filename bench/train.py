@@ -3,7 +3,7 @@
 
     python bench/train.py [--n 2000] [--reps <the nine>] [--runs 10] [--epochs 300] [--device auto]
     python bench/train.py --models [--n 5000] [--reps <the nine>] [--runs 10] [--epochs 300] [--raw-epochs 300]
-                          [--device auto]
+                          [--part both|runs|grids] [--device auto]
 
 On the --n adapter synthetic store (built under stores/bench/ with the requested representations if
 missing), for each representation, with every layer and the original hyper-parameters:
@@ -25,7 +25,7 @@ trained and its fit's seconds per epoch; the models that learn from the raw fact
 most --raw-epochs epochs (on SD-shaped adapters an epoch of theirs takes minutes on a CPU: time a few and read
 the seconds per epoch); (2) the whole grid, every --reps representation x all/visual/text x --runs runs, of
 the MLP, of the linear probe, and knn-vote's (the raw factors x all/visual/text), and the share of the MLP
-grid's time the two take (target: under 5%).
+grid's time the two take (target: under 5%). --part runs or grids: only (1) or (2).
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--raw-epochs", type=int, default=300, help="--models: most epochs of glnet's and probe's run")
+    parser.add_argument("--part", choices=["both", "runs", "grids"], default="both",
+                        help="--models: (1) one run of each model, (2) the grids, or both")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--home", default=str(ROOT / "stores" / "bench"))
     parser.add_argument("--models", action="store_true", help="the registered models against the MLP (above)")
@@ -214,6 +216,13 @@ def models_benchmark(path: str, reps: tuple[str, ...], args, device: str, n: int
         torch.ones(1, device=device).sum().item()
     print(f"device {device}, torch threads {torch.get_num_threads()}, n {n}; one process, every train call --force")
     print()
+    if args.part != "grids":
+        _one_run_each(path, base, args)
+    if args.part != "runs":
+        _grids(base, reps, args)
+
+
+def _one_run_each(path: str, base: TrainConfig, args) -> None:
     print("| model | input | width | train (s) | its fit (s) | x MLP (fit) | epochs | fit s/epoch | test score |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     mlp_fit = None
@@ -230,6 +239,9 @@ def models_benchmark(path: str, reps: tuple[str, ...], args, device: str, n: int
         print(f"| {name} | {rep} | {result.width} | {wall:.2f} | {fit:.2f} | {ratio} | {trained} | {per_epoch} | "
               f"{result.test_score:.3f} |", flush=True)
     print()
+
+
+def _grids(base: TrainConfig, reps: tuple[str, ...], args) -> None:
     grids = {"mlp": ",".join(reps), "linear": ",".join(reps), "knn-vote": models_mod.RAW}
     print(f"whole grids: {len(reps)} representations (knn-vote: the raw factors) x {LAYER_SETS} x {args.runs} runs")
     print()

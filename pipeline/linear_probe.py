@@ -38,12 +38,14 @@ DTYPE = torch.float64  # the objective is resolved to TOL; float32 would stall n
 def lbfgs(objective, x: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER, history: int = HISTORY):
     """Minimise G independent smooth convex functions at once: x (G, m) -> (x, iterations).
 
-    ``objective(x)`` -> (f (G,), grad (G, m)). Each problem has its own L-BFGS memory (the two-loop recursion,
+    ``objective(x, rows)`` -> (f, grad) of the problems ``rows`` (indices into G) at x (len(rows), m): only the
+    problems still moving are evaluated (the weakly regularised ones take many more iterations than the
+    others, which would otherwise be recomputed and thrown away). Each problem has its own L-BFGS memory (the two-loop recursion,
     batched), its own step length (backtracking from 1 until Armijo's condition holds: enough for a convex
     function, whose curvature pairs s^T y are never negative) and its own stop (scipy's: max |grad| <= tol, or
     a relative decrease of f of at most FTOL); a problem that has stopped is frozen while the others go on.
     """
-    f, g = objective(x)
+    f, g = objective(x, torch.arange(len(x), device=x.device))
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1 / s^T y), per problem
     active = g.abs().amax(1) > tol
     iterations = 0
@@ -72,11 +74,13 @@ def lbfgs(objective, x: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER
         pending = active.clone()
         new_x, new_f, new_g = x.clone(), f.clone(), g.clone()
         for _ in range(60):  # halvings: 2^-60 is below any step that changes a float64
-            trial = x + step[:, None] * d
-            f_t, g_t = objective(trial)
-            ok = pending & (f_t <= f + ARMIJO * step * slope)
-            new_x[ok], new_f[ok], new_g[ok] = trial[ok], f_t[ok], g_t[ok]
-            pending &= ~ok
+            rows = pending.nonzero().squeeze(1)
+            trial = x[rows] + step[rows, None] * d[rows]
+            f_t, g_t = objective(trial, rows)
+            ok = f_t <= f[rows] + ARMIJO * step[rows] * slope[rows]
+            done = rows[ok]
+            new_x[done], new_f[done], new_g[done] = trial[ok], f_t[ok], g_t[ok]
+            pending[done] = False
             if not bool(pending.any()):
                 break
             step = torch.where(pending, step / 2, step)
@@ -99,17 +103,34 @@ def _with_intercept(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
 
 
-def row_space(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_space(x: torch.Tensor, dims: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (n, d) = U S V^T: V (d, k), an orthonormal basis of x's row space, and S (k,), k its numerical rank.
 
-    From one eigendecomposition of the smaller Gram matrix (X X^T when d > n, else X^T X); directions whose
-    singular value is below rounding (relative max(n, d) eps of the largest, on the squares) are dropped.
+    From one eigendecomposition of the smaller Gram matrix (X X^T when d > n, else X^T X) of x's columns that
+    are not all zero (a constant feature, standardised; they add nothing to the row space: rank-1 spectra are
+    mostly such padding); directions whose singular value is below rounding (relative max(n, d) eps of the
+    largest, on the squares) are dropped. LAPACK's syevd can fail to converge on a Gram matrix with very many
+    repeated eigenvalues; then the SVD of x gives the same basis.
     """
-    n, d = x.shape
-    lam, vectors = torch.linalg.eigh(x @ x.T if d > n else x.T @ x)
-    keep = lam > lam[-1].clamp(min=0) * max(n, d) * torch.finfo(x.dtype).eps
+    n, d = dims or x.shape
+    used = x.abs().amax(0) > 0
+    if not bool(used.any()):
+        return x.new_zeros(x.shape[1], 0), x.new_zeros(0)
+    if not bool(used.all()):
+        v, s = row_space(x[:, used], (n, d))
+        full = x.new_zeros(x.shape[1], v.shape[1])
+        full[used] = v
+        return full, s
+    floor = max(n, d) * torch.finfo(x.dtype).eps
+    try:
+        lam, vectors = torch.linalg.eigh(x @ x.T if x.shape[1] > x.shape[0] else x.T @ x)
+    except torch.linalg.LinAlgError:
+        _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+        keep = sv ** 2 > sv[0] ** 2 * floor
+        return vh[keep].T, sv[keep]
+    keep = lam > lam[-1].clamp(min=0) * floor
     s = lam[keep].sqrt()
-    return (x.T @ (vectors[:, keep] / s) if d > n else vectors[:, keep]), s
+    return (x.T @ (vectors[:, keep] / s) if x.shape[1] > x.shape[0] else vectors[:, keep]), s
 
 
 def logistic_path(x: torch.Tensor, y: torch.Tensor, k: int, grid) -> torch.Tensor:
@@ -132,9 +153,9 @@ def logistic_path(x: torch.Tensor, y: torch.Tensor, k: int, grid) -> torch.Tenso
     scale = torch.rsqrt(s[None] ** 2 / (4 * n) + penalty[:, None])[:, :, None]  # D (G, r, 1)
     target = y.to(x.dtype)[None, :, None] if k == 2 else F.one_hot(y, k).to(x.dtype)
 
-    def objective(flat):
-        beta = flat.view(grid_size, r + 1, width)
-        w = scale * beta[:, :r]  # V^T W (G, r, width)
+    def objective(flat, rows):
+        beta, diag, pen = flat.view(len(rows), r + 1, width), scale[rows], penalty[rows]
+        w = diag * beta[:, :r]  # V^T W (G, r, width)
         logits = z @ w + beta[:, r:]  # (G, n, width); the intercept last, unscaled and unpenalised
         if k == 2:
             loss = F.softplus(logits).sub(target * logits).mean((1, 2))  # log(1 + e^z) - y z
@@ -142,8 +163,8 @@ def logistic_path(x: torch.Tensor, y: torch.Tensor, k: int, grid) -> torch.Tenso
         else:
             loss = (torch.logsumexp(logits, -1) - (logits * target).sum(-1)).mean(1)
             dz = (torch.softmax(logits, -1) - target) / n
-        grad = torch.cat([scale * (z.T @ dz + penalty[:, None, None] * w), dz.sum(1, keepdim=True)], 1)
-        return loss + 0.5 * penalty * (w * w).sum((1, 2)), grad.reshape(grid_size, -1)
+        grad = torch.cat([diag * (z.T @ dz + pen[:, None, None] * w), dz.sum(1, keepdim=True)], 1)
+        return loss + 0.5 * pen * (w * w).sum((1, 2)), grad.reshape(len(rows), -1)
 
     flat, _ = lbfgs(objective, torch.zeros(grid_size, (r + 1) * width, dtype=x.dtype, device=x.device))
     beta = flat.view(grid_size, r + 1, width)

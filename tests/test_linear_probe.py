@@ -184,3 +184,26 @@ def test_linear_regression_through_train_is_ridge(scratch):
     ref = sklearn_lm.Ridge(alpha=1 / c).fit(data.x["train"].astype(np.float64), (data.y["train"] - mean) / std)
     np.testing.assert_allclose(run["test_pred"][...], ref.predict(data.x["test"].astype(np.float64)) * std + mean,
                                rtol=1e-4, atol=1e-4 * std)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)], ids=["tall", "wide"])
+@pytest.mark.parametrize("solver", ["eigh", "svd-fallback"])
+def test_row_space_is_numpys_with_zero_columns_and_when_eigh_fails(shape, solver, monkeypatch):
+    """The basis spans x's row space as numpy's SVD finds it (the same projector, the same singular values),
+    with most columns all zero (rank-1 spectra, standardised), and when LAPACK's eigh fails to converge (as it
+    did on 3,500 x 2,048 rank-1 spectra: here made to fail, since no small matrix reliably makes it)."""
+    rng = np.random.default_rng(0)
+    n, d = shape
+    x = rng.standard_normal((n, 3)) @ rng.standard_normal((3, d))  # rank 3
+    x[:, rng.permutation(d)[: d // 2]] = 0.0
+    if solver == "svd-fallback":
+        def fails(_):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        monkeypatch.setattr(torch.linalg, "eigh", fails)
+    v, s = linear_probe.row_space(torch.from_numpy(x))
+    u_np, s_np, vt_np = np.linalg.svd(x, full_matrices=False)
+    k = int((s_np > s_np[0] * 1e-8).sum())
+    assert k == 3 and v.shape == (d, 3)
+    np.testing.assert_allclose(s.numpy()[np.argsort(-s.numpy())], s_np[:k], rtol=1e-10)
+    np.testing.assert_allclose(v.numpy() @ v.numpy().T, vt_np[:k].T @ vt_np[:k], atol=1e-10)
+    assert linear_probe.row_space(torch.zeros(n, d, dtype=torch.float64))[0].shape == (d, 0)
