@@ -34,7 +34,7 @@ ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 _EVAL_ELEMENTS = 1 << 25  # evaluate at most this many activations at once (128 MB)
 # A training step's batch goes through in parts of at most this many activations (row_elements), their gradients
 # summed: the step is the batch's; only its peak memory changes. (The backward keeps several tensors per
-# activation: probe's batches of 128 SD-sized adapters would otherwise hold about 20 GB.)
+# activation: probe's batches of 128 SD-sized adapters would otherwise hold about 14 GB.)
 _STEP_ELEMENTS = 1 << 26
 _BLOCK_SEED = 0x5EED  # the block order's generator: (first seed, this), apart from every run's own
 
