@@ -39,9 +39,9 @@ def lbfgs(objective, x: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER
     """Minimise G independent smooth convex functions at once: x (G, m) -> (x, iterations).
 
     ``objective(x, rows)`` -> (f, grad) of the problems ``rows`` (indices into G) at x (len(rows), m): only the
-    problems still moving are evaluated (the weakly regularised ones take many more iterations than the
-    others, which would otherwise be recomputed and thrown away). Each problem has its own L-BFGS memory (the two-loop recursion,
-    batched), its own step length (backtracking from 1 until Armijo's condition holds: enough for a convex
+    problems still moving are evaluated (the weakly regularised ones take many more iterations than the others,
+    which would otherwise be recomputed and thrown away). Each problem has its own L-BFGS memory (the two-loop
+    recursion, batched), its own step length (backtracking from 1 until Armijo's condition holds: enough for a convex
     function, whose curvature pairs s^T y are never negative) and its own stop (scipy's: max |grad| <= tol, or
     a relative decrease of f of at most FTOL); a problem that has stopped is frozen while the others go on.
     """
