@@ -120,12 +120,16 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp, task: str, n_out: int, o
     def classify(scaled: torch.Tensor) -> torch.Tensor:
         return vote_scores(y[nearest(scaled, reference)], n_out)
 
+    # the splits fit has scaled already (train's voters are the reference): predicting them again after the fit
+    # (train's final metrics) computes no voters, and reads no streamed split, a second time
+    known = [(x, reference), (val[0], stack(voters(val[0]), low, high))]
+
     def predict(inputs: RawFactors | RawSource, which: str) -> torch.Tensor:
-        return classify(stack(voters(inputs), low, high))[None].expand(runs, -1, -1)
+        scaled = next((s for split, s in known if inputs is split), None)
+        return classify(stack(voters(inputs), low, high) if scaled is None else scaled)[None].expand(runs, -1, -1)
 
     curves = {}
-    # the train split's voters are the reference itself: not computed (nor a streamed split read) a second time
-    for split, scaled, ys in (("train", reference, y), ("val", stack(voters(val[0]), low, high), val[1])):
+    for split, (scaled, ys) in zip(("train", "val"), ((reference, y), (known[1][1], val[1]))):
         accuracy = float((classify(scaled).argmax(-1) == ys).to(DTYPE).mean())
         curves[f"{split}_score"], curves[f"{split}_loss"] = accuracy, 1.0 - accuracy
     curves["lr"] = 0.0
@@ -135,7 +139,8 @@ def fit(train: tuple, val: tuple, seeds: list[int], hp, task: str, n_out: int, o
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     per_run = {name: [np.array([value], dtype=np.float64) for _ in range(runs)] for name, value in curves.items()}
-    return Fitted(per_run, np.ones(runs, dtype=np.int64), predict, time.perf_counter() - started, str(device))
+    return Fitted(per_run, np.ones(runs, dtype=np.int64), predict, time.perf_counter() - started, str(device),
+                  one_model=True)
 
 
 def cost(size, hp: dict, epochs: float, runs: int) -> float:

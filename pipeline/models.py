@@ -37,6 +37,7 @@ class Fitted:
     predict: Callable[[Any, str], Any]
     seconds: float = 0.0
     device: str = "cpu"
+    one_model: bool = False  # "best" and "last" are the same model (knn-vote): the test split is predicted once
 
 
 @dataclass(frozen=True)

@@ -455,7 +455,8 @@ def _final_metrics(fitted: Fitted, data: Data, tensors: dict, n_out: int) -> tup
     for split in SPLITS:
         out[split] = fitted.predict(tensors[split][0], "best")
         result[split] = _metrics(out[split], tensors[split][1], data, n_out)
-    last = {"test": _metrics(fitted.predict(tensors["test"][0], "last"), tensors["test"][1], data, n_out)}
+    last = {"test": result["test"] if fitted.one_model else
+            _metrics(fitted.predict(tensors["test"][0], "last"), tensors["test"][1], data, n_out)}
     return result, last, out["test"]
 
 

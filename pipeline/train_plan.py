@@ -53,7 +53,7 @@ def _shapes(root: zarr.Group, names: list[str]) -> tuple:
     return tuple((modules[n]["rank"], modules[n]["in"], modules[n]["out"]) for n in names if n in modules)
 
 
-def _timings(root: zarr.Group) -> tuple[list[float], list[float]]:
+def _timings(root: zarr.Group) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per model: (seconds per GFLOP, share of the epoch budget used) of every finished run stored."""
     rates, used = defaultdict(list), defaultdict(list)
     for _, group in store.configurations(root):
@@ -96,7 +96,7 @@ def plan(config: TrainConfig) -> Plan:
     hp = asdict(config.hyper())
     out = []
     for setup in plan_grid(root, config):
-        layers, width = {}, 0
+        layers, width, shapes = {}, 0, ()
         for name in setup.reps:
             if name == models.RAW:
                 rawdata.check(root, location, SPLITS)
@@ -108,8 +108,8 @@ def plan(config: TrainConfig) -> Plan:
                 raise PipelineError(f"layer set {setup.layer_set!r} matches none of the {len(names)} names of {name!r}")
             layers[name] = [names[i] for i in index]
             if name == models.RAW:  # the numbers of A and B of each module
-                modules = root.attrs["modules"]
-                width += sum(modules[i]["rank"] * (modules[i]["in"] + modules[i]["out"]) for i in index)
+                shapes = _shapes(root, layers[name])
+                width += sum(r * (fan_in + fan_out) for r, fan_in, fan_out in shapes)
             else:
                 shape = feature_home(root, name)[f"features/train/{name}"].shape
                 width += len(index) * math.prod(shape[2:])
@@ -117,7 +117,7 @@ def plan(config: TrainConfig) -> Plan:
         digest = config_hash(config_dict(root, config, setup, data))
         finished = 0 if config.force else len(finished_runs(root, digest) & set(range(config.runs)))
         todo = config.runs - finished
-        size = models.Size(width, _shapes(root, layers.get(models.RAW, [])), len(classes) if task == "classification" else 1, n)
+        size = models.Size(width, shapes, len(classes) if task == "classification" else 1, n)
         flops = models.get(config.model).flops(size, hp, expected, todo)
         out.append(Planned(setup, digest, width, finished, todo, flops, None if rate is None else rate * flops / 1e9))
     return Plan(out, n, len(rates), rate, timed_by)

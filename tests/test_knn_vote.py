@@ -128,13 +128,18 @@ def test_global_min_max_is_dsire_get_min_max():
 # --- through pipeline train, report and info -------------------------------------------------------------
 
 
-def test_knn_vote_through_train(synth_store, tmp_path):
-    """The synthetic zoo's rank-1 factors, read by pipeline train: the stored test predictions are dsire.py's."""
+def test_knn_vote_through_train(synth_store, tmp_path, monkeypatch):
+    """The synthetic zoo's rank-1 factors, read by pipeline train: the stored test predictions are dsire.py's,
+    and each split's voters are computed once (fit, the final metrics and "best"/"last" share them)."""
     path = tmp_path / "s.zarr"
     shutil.copytree(synth_store, path)
     config = TrainConfig(store=str(path), model="knn-vote", layers=ONE_MODULE, runs=3, quiet=True)
     planned = plan(config)
+    computed, voters = [], knn_vote.voters
+    monkeypatch.setattr(knn_vote, "voters", lambda raw: computed.append(len(raw)) or voters(raw))
     (result,) = train(config).results
+    rows = zarr.open_group(str(path), mode="r")[f"runs/{result.config_hash}"].attrs["n"]
+    assert sorted(computed) == sorted(rows[split] for split in ("train", "val", "test"))  # one call per split
     assert [p.config_hash for p in planned.configurations] == [result.config_hash]
     group = zarr.open_group(str(path), mode="r")[f"runs/{result.config_hash}"]
     runs = [group[k] for k in sorted(group.group_keys())]
